@@ -1,0 +1,1 @@
+"""Pure compute core: numpy (+ lazily torch) only; no Qt, no napari imports."""
