@@ -1,0 +1,1 @@
+"""npe2 contributions (reader, sample data, widgets); napari and Qt are imported only here."""
