@@ -1,0 +1,1 @@
+"""Engine: restore(), train() / finetune(), adapt_bn(): pure functions with progress and cancel."""

@@ -1,0 +1,320 @@
+"""restore(): one entry point for every model of the zoo, used by the CLI and the widgets.
+
+* burst models: ``(T, Y, X)`` raw frames in acquisition order -> registered to the reference
+  frame (default ``T // 2``) -> restored -> one ``(Y, X)`` image in the reference frame's
+  coordinates;
+* single-image models: ``(Y, X)`` or a stack restored slice by slice; the output has the
+  input's shape (times ``scale`` in Y and X);
+* ssTEM models: a ``(Z, Y, X)`` section stack; the sections named by ``sections`` (or detected
+  as missing) are restored from their neighbours and the full stack is returned.
+
+Outputs are float32 in the input's units. Learned models see inputs normalised by the mean and
+standard deviation of the data and their outputs are mapped back. Inference runs tile by tile
+(halo = the net's receptive radius, blended seams), with a tile size chosen for the device and
+halved on out-of-memory; the progress callback and the cancel token are served per tile.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import __version__
+from ..core.errors import CancelToken, InputError, ProgressCallback, check_cancel, report
+from ..core.tiling import apply_tiled
+from ..models.zoo import ModelCard, get_card
+
+
+@dataclass
+class RestoreResult:
+    image: np.ndarray                       # float32, the input's units
+    provenance: dict                        # JSON-safe: model, weights sha256, params, device
+    registration: Any = None                # RegistrationResult for burst models
+    extras: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# device
+# --------------------------------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` if available, else ``mps``, else ``cpu``; validates explicit ones."""
+    device = (device or "auto").strip().lower()
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but this torch has no CUDA device")
+        if ":" in device:
+            idx = device.split(":", 1)[1]
+            if not idx.isdigit() or int(idx) >= torch.cuda.device_count():
+                raise InputError(f"device {device!r} does not exist; "
+                                 f"{torch.cuda.device_count()} CUDA device(s) here")
+        return device
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InputError("device 'mps' asked for, but Apple MPS is not available")
+        return "mps"
+    raise InputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+_MODEL_CACHE: dict[tuple, Any] = {}
+
+
+def _load_net(card: ModelCard, device: str):
+    from ..models.zoo import load_model
+
+    key = (str(card.path), str(card.weights.get("sha256")), device)
+    net = _MODEL_CACHE.get(key)
+    if net is None:
+        net = load_model(card, device=device)
+        _MODEL_CACHE.clear()  # keep one model resident
+        _MODEL_CACHE[key] = net
+    return net
+
+
+def default_tile(device: str, n_channels: int) -> int:
+    """A tile edge that fits the device: ~1 MP of input on CPU, larger with free GPU memory."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        # ~4 KB of activations per input pixel and channel is a safe envelope for our nets
+        side = int(math.sqrt(free * 0.5 / (4096 * max(n_channels, 1))))
+        return int(max(256, min(4096, side)) // 64 * 64)
+    return 1024
+
+
+# --------------------------------------------------------------------------------------------
+# tiled network inference
+# --------------------------------------------------------------------------------------------
+def run_net(net, x: np.ndarray, *, burst: bool, device: str, tile: Optional[int] = None,
+            progress: Optional[ProgressCallback] = None,
+            cancel: Optional[CancelToken] = None) -> tuple[np.ndarray, dict]:
+    """Apply ``net`` to normalised ``x`` ((T, Y, X) for burst nets, (C, Y, X) otherwise).
+
+    Returns the (C_out, Y * scale, X * scale) output and the tiling actually used.
+    """
+    import torch
+
+    multiple = int(getattr(net, "multiple", 1))
+    scale = int(getattr(net, "scale", 1))
+    rr = getattr(net, "receptive_radius", 16)
+    halo = int(math.ceil(rr() if callable(rr) else rr))
+    halo = min(halo, 256)
+    blend = max(8, multiple)
+    use_amp = device.startswith("cuda")
+    if tile is None:
+        tile = default_tile(device, x.shape[0])
+
+    def fn(t: np.ndarray) -> np.ndarray:
+        inp = torch.from_numpy(np.ascontiguousarray(t, np.float32)).to(device)
+        inp = inp[None, :, None] if burst else inp[None]
+        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16,
+                                                    enabled=use_amp):
+            out = net(inp)
+        return out[0].float().cpu().numpy()
+
+    while True:
+        try:
+            out = apply_tiled(fn, x, tile=tile, halo=halo, blend=blend, multiple=multiple,
+                              scale=scale, progress=progress, cancel=cancel)
+            return out, {"tile": int(tile), "halo": halo, "blend": blend}
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            smallest = 2 * halo + blend + multiple
+            if tile // 2 <= smallest:
+                raise
+            tile //= 2
+
+
+def _normalise(x: np.ndarray, region: Optional[np.ndarray] = None) -> tuple[np.ndarray, float, float]:
+    vals = x[..., region] if region is not None else x
+    mean = float(vals.mean())
+    std = float(vals.std())
+    if not std > 0:
+        std = 1.0
+    return (x - mean) / std, mean, std
+
+
+# --------------------------------------------------------------------------------------------
+# restore
+# --------------------------------------------------------------------------------------------
+def _as_float_stack(data, ndim: tuple[int, ...], what: str) -> np.ndarray:
+    arr = np.asarray(data)
+    if arr.ndim not in ndim:
+        dims = " or ".join(f"{d}-D" for d in ndim)
+        raise InputError(f"{what} must be {dims}; got shape {arr.shape}")
+    if arr.size == 0:
+        raise InputError(f"{what} is empty (shape {arr.shape})")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{what} contains NaN or infinite values")
+    return arr
+
+
+def _select_frames(n: int, reference: int, max_frames: int) -> list[int]:
+    """The ``max_frames`` frames nearest the reference (a centred window, clipped at ends)."""
+    if n <= max_frames:
+        return list(range(n))
+    start = min(max(0, reference - max_frames // 2), n - max_frames)
+    return list(range(start, start + max_frames))
+
+
+def restore(data, model: str | ModelCard, *, device: str = "auto",
+            reference: Optional[int] = None, register: bool = True,
+            motion: str = "translation", sections: Optional[list[int]] = None,
+            tile: Optional[int] = None, progress: Optional[ProgressCallback] = None,
+            cancel: Optional[CancelToken] = None) -> RestoreResult:
+    """Restore ``data`` with ``model`` (a zoo id, a card path or a :class:`ModelCard`)."""
+    card = model if isinstance(model, ModelCard) else get_card(model)
+    t0 = time.perf_counter()
+    dev = "cpu" if card.is_classical else resolve_device(device)
+    prov: dict = {
+        "model": card.id, "task": card.task, "architecture": card.architecture,
+        "weights_sha256": (card.weights or {}).get("sha256"), "device": dev,
+        "version": __version__, "parameters": {"reference": reference, "register": register,
+                                               "motion": motion, "sections": sections,
+                                               "tile": tile},
+    }
+    if card.is_burst:
+        res = _restore_burst(data, card, dev, reference, register, motion, tile, progress,
+                             cancel, prov)
+    elif card.task == "sstem":
+        res = _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov)
+    else:
+        res = _restore_single(data, card, dev, tile, progress, cancel, prov)
+    prov["seconds"] = round(time.perf_counter() - t0, 3)
+    report(progress, 1.0, "done")
+    return res
+
+
+def _restore_burst(data, card, dev, reference, register, motion, tile, progress, cancel, prov):
+    from ..core.registration import register_burst
+
+    frames = _as_float_stack(data, (3,), "a burst")
+    n = frames.shape[0]
+    fr = card.frames
+    if n < max(2, fr["min"]):
+        raise InputError(f"model {card.id} needs a burst of at least {max(2, fr['min'])} frames; "
+                         f"got {n}")
+    ref = n // 2 if reference is None else int(reference)
+    if not 0 <= ref < n:
+        raise InputError(f"reference frame {reference} is outside the burst's 0..{n - 1}")
+    used = _select_frames(n, ref, fr["max"])
+    frames = frames[used]
+    ref_local = used.index(ref)
+    prov["frames_used"] = used
+    prov["reference"] = ref
+
+    def sub(lo, hi):
+        if progress is None:
+            return None
+        return lambda f, m: progress(lo + (hi - lo) * f, m)
+
+    reg = None
+    if register:
+        reg = register_burst(frames, reference=ref_local, motion=motion,
+                             progress=sub(0.0, 0.3), cancel=cancel)
+        aligned, coverage = reg.aligned, reg.coverage
+        prov["registration"] = reg.to_dict()
+    else:
+        aligned, coverage = frames, np.ones(frames.shape[1:], bool)
+    check_cancel(cancel)
+
+    if card.is_classical:
+        from ..models.classical import restore_classical
+
+        out, info = restore_classical(card.architecture.split(":", 1)[1], aligned,
+                                      progress=sub(0.3, 1.0), cancel=cancel)
+        prov["method"] = info
+        return RestoreResult(out, prov, reg)
+
+    net = _load_net(card, dev)
+    x, mean, std = _normalise(aligned, coverage if coverage.any() else None)
+    y, tiling = run_net(net, x, burst=True, device=dev, tile=tile, progress=sub(0.3, 1.0),
+                        cancel=cancel)
+    prov["tiling"] = tiling
+    prov["normalisation"] = {"mean": mean, "std": std}
+    return RestoreResult((y[0] * std + mean).astype(np.float32), prov, reg)
+
+
+def _restore_single(data, card, dev, tile, progress, cancel, prov):
+    arr = _as_float_stack(data, (2, 3), "an image")
+    stack = arr[None] if arr.ndim == 2 else arr
+    net = _load_net(card, dev)
+    in_ch = int(card.input.get("channels", 1))
+    outs = []
+    for i, sl in enumerate(stack):
+        check_cancel(cancel)
+        x, mean, std = _normalise(sl)
+        xin = np.repeat(x[None], in_ch, 0) if in_ch > 1 else x[None]
+
+        def sub(f, m, i=i):
+            if progress is not None:
+                progress((i + f) / len(stack), f"slice {i + 1}/{len(stack)}: {m}")
+
+        y, tiling = run_net(net, xin, burst=False, device=dev, tile=tile, progress=sub,
+                            cancel=cancel)
+        outs.append(y[0] * std + mean)
+        prov["tiling"] = tiling
+    out = np.stack(outs).astype(np.float32)
+    return RestoreResult(out[0] if arr.ndim == 2 else out, prov)
+
+
+def missing_sections(stack: np.ndarray, *, rel_std: float = 0.02) -> list[int]:
+    """Sections whose contrast is near zero compared with the stack's (blank = missing)."""
+    stds = stack.reshape(stack.shape[0], -1).std(1)
+    ref = float(np.median(stds))
+    return [int(i) for i in np.flatnonzero(stds <= rel_std * max(ref, 1e-12))]
+
+
+def _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov):
+    stack = _as_float_stack(data, (3,), "a section stack")
+    z = stack.shape[0]
+    if z < 3:
+        raise InputError(f"an ssTEM stack needs at least 3 sections; got {z}")
+    todo = sorted(set(missing_sections(stack) if sections is None else sections))
+    bad = [s for s in todo if not 0 <= s < z]
+    if bad:
+        raise InputError(f"sections {bad} are outside the stack's 0..{z - 1}")
+    prov["sections"] = todo
+    out = stack.copy()
+    if not todo:
+        return RestoreResult(out, prov)
+    net = _load_net(card, dev)
+    damaged = set(todo)
+    for k, s in enumerate(todo):
+        check_cancel(cancel)
+        # nearest undamaged neighbours (or the edge section mirrored)
+        prev = next((j for j in range(s - 1, -1, -1) if j not in damaged), None)
+        nxt = next((j for j in range(s + 1, z) if j not in damaged), None)
+        if prev is None and nxt is None:
+            raise InputError("every section is marked damaged; nothing to restore from")
+        prev = nxt if prev is None else prev
+        nxt = prev if nxt is None else nxt
+        ref = np.stack([stack[prev], stack[nxt]])
+        _, mean, std = _normalise(ref)
+        missing = stack[s].std() <= 0.02 * max(float(ref.std()), 1e-12)
+        mask = np.ones(stack.shape[1:], np.float32)  # whole section restored
+        cur = np.zeros_like(mask) if missing else (stack[s] - mean) / std
+        x = np.stack([(stack[prev] - mean) / std, cur, (stack[nxt] - mean) / std, mask])
+        y, tiling = run_net(net, x, burst=False, device=dev, tile=tile, cancel=cancel)
+        out[s] = y[0] * std + mean
+        prov["tiling"] = tiling
+        report(progress, (k + 1) / len(todo), f"section {s} ({k + 1}/{len(todo)})")
+    return RestoreResult(out, prov)
+
