@@ -1,0 +1,671 @@
+"""Burst registration: a phase-correlation start refined by ECC on a Gaussian pyramid.
+
+Every frame of a (T, Y, X) burst is registered *directly* to one reference frame (no chaining,
+so errors do not accumulate along the burst):
+
+1. the frame and the reference are pre-filtered with a Gaussian sized to the noise and reduced
+   to a pyramid with ``cv2.pyrDown``;
+2. a coarse translation is found by phase correlation on the coarsest level (Hann window,
+   spectrum weighted by the same Gaussian as the images, sub-pixel peak by an upsampled DFT),
+   so shifts up to a third of the frame need no start;
+3. ``cv2.findTransformECC`` refines the transform level by level, coarse to fine, down to a
+   level of 4x4-pixel blocks, each level starting from the previous one;
+4. Gauss-Newton steps of the same ECC objective (usually one) polish it at full resolution,
+   with the reference's gradients computed once per burst: full-resolution accuracy without the
+   set-up and iterations of full-resolution ECC calls, which is where the speed comes from;
+5. the frame is warped into the reference frame, and its ECC correlation with the reference is
+   measured at full resolution.
+
+Conventions
+-----------
+Pixel coordinates are ``(x, y) = (column, row)`` in pixels with pixel centres on integers and
+the origin at the centre of the top-left pixel (OpenCV's convention). A frame's transform ``A``
+(2x3) maps a pixel of the *reference* frame to the position of the same content in the frame::
+
+    frame(A @ (x, y, 1)) ~= reference(x, y)
+
+so the frame is brought into the reference frame with
+``cv2.warpAffine(frame, A, (X, Y), flags=INTER_LINEAR | WARP_INVERSE_MAP)`` (what
+:func:`warp_frames` does). For a pure translation ``A = [[1, 0, dx], [0, 1, dy]]``, i.e.
+``frame(y + dy, x + dx) = reference(y, x)``: the content moved by ``(+dy, +dx)`` pixels from
+the reference to the frame. :func:`phase_correlation` returns the shift in the same convention.
+Euclidean and affine transforms rotate about the origin (the top-left pixel), as OpenCV does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import cv2
+import numpy as np
+
+from .errors import CancelToken, InputError, ProgressCallback, check_cancel, report
+from .metrics import noise_sigma
+
+MOTIONS = ("translation", "euclidean", "affine")
+
+_CV_MOTION = {
+    "translation": cv2.MOTION_TRANSLATION,
+    "euclidean": cv2.MOTION_EUCLIDEAN,
+    "affine": cv2.MOTION_AFFINE,
+}
+_CV_INTERPOLATION = {
+    "nearest": cv2.INTER_NEAREST,
+    "linear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+}
+MIN_FRAME_SIZE = 16
+# the coarsest pyramid level keeps at least this many pixels along the shorter side
+_COARSEST_SIDE = 96
+# a frame whose warped field of view keeps less than this fraction of the reference frame is
+# treated as lost (ECC wandered off)
+_MIN_OVERLAP = 0.2
+# ECC stops at this pyramid level by default (pixels of 4 x 4 full-resolution pixels): its
+# estimate, within ~0.1 px, is well inside the basin of the full-resolution polish
+_FINEST = 2
+# full-resolution polish: at most _POLISH_STEPS Gauss-Newton steps, stopping after one that
+# moves the frame by less than _POLISH_TOL px; the Hessian is summed over every
+# _HESSIAN_STRIDE-th row
+_POLISH_STEPS = 3
+_POLISH_TOL = 0.1
+_HESSIAN_STRIDE = 3
+
+
+def _finite_2d(a: Any, name: str) -> np.ndarray:
+    img = np.asarray(a, dtype=np.float32)
+    if img.ndim != 2:
+        raise InputError(f"{name} must be a 2-D image (Y, X); got an array of shape {img.shape}")
+    if not np.isfinite(img).all():
+        raise InputError(f"{name} contains NaN or infinite values; registration needs finite "
+                         f"pixels")
+    return img
+
+
+def phase_correlation(reference: np.ndarray, image: np.ndarray, *, upsample: int = 10,
+                      window: bool = True, lowpass: float = 0.0) -> tuple[float, float, float]:
+    """Translation between two images by phase correlation, to ``1 / upsample`` pixel.
+
+    Parameters
+    ----------
+    reference, image
+        2-D images of the same shape, any real dtype, finite.
+    upsample
+        Sub-pixel refinement factor: the correlation peak is located on a grid of
+        ``1 / upsample`` pixel by an upsampled DFT around the integer peak (Guizar-Sicairos et
+        al. 2008). ``1`` gives the integer peak.
+    window
+        Multiply both (mean-subtracted) images by a 2-D Hann window first, so that the image
+        borders do not correlate. Turn it off only for periodic images.
+    lowpass
+        Standard deviation (px) of a Gaussian that smooths the correlation surface, i.e.
+        weights the whitened cross-power spectrum by ``exp(-2 pi^2 lowpass^2 f^2)``. Whitening
+        gives every frequency the same weight, so in noisy images the frequencies that hold
+        only noise drown the peak; ``lowpass`` about the noise's Gaussian pre-filter sigma
+        keeps them out. 0 (default) is plain phase correlation.
+
+    Returns
+    -------
+    dy, dx
+        Shift in pixels such that ``image(y, x) ~= reference(y - dy, x - dx)``: content at
+        ``(y, x)`` in the reference appears at ``(y + dy, x + dx)`` in the image. The
+        translation transform of this module is ``[[1, 0, dx], [0, 1, dy]]``. Shifts are
+        unambiguous up to half the image size along each axis.
+    peak
+        Height of the normalised phase-correlation peak, at most 1: 1 for an exact circular
+        shift without ``lowpass``, a few times ``1 / sqrt(Y * X)`` for unrelated images; a
+        rough confidence (``lowpass`` and noise lower it).
+    """
+    ref = _finite_2d(reference, "reference")
+    img = _finite_2d(image, "image")
+    if ref.shape != img.shape:
+        raise InputError(f"phase correlation needs two images of the same shape; got {ref.shape} "
+                         f"and {img.shape}")
+    if min(ref.shape) < 2:
+        raise InputError(f"phase correlation needs images of at least 2x2 pixels; got {ref.shape}")
+    if int(upsample) != upsample or upsample < 1:
+        raise InputError(f"upsample must be a positive integer; got {upsample!r}")
+    if not (math.isfinite(lowpass) and lowpass >= 0):
+        raise InputError(f"lowpass must be a finite number >= 0 (pixels); got {lowpass!r}")
+    upsample = int(upsample)
+    a = ref - ref.mean()
+    b = img - img.mean()
+    if window:
+        win = cv2.createHanningWindow(ref.shape[::-1], cv2.CV_32F)
+        a = a * win
+        b = b * win
+    cross = np.fft.fft2(b) * np.conj(np.fft.fft2(a))
+    mag = np.abs(cross)
+    # whitening; bins without energy (e.g. a constant image) stay zero instead of dividing by 0
+    cross = np.where(mag > 1e-12 * mag.max(), cross / np.maximum(mag, 1e-30), 0)
+    if lowpass > 0:
+        fy, fx = np.fft.fftfreq(cross.shape[0]), np.fft.fftfreq(cross.shape[1])
+        k = -2.0 * (np.pi * lowpass) ** 2
+        cross *= np.exp(k * fy ** 2)[:, None] * np.exp(k * fx ** 2)[None, :]
+    surface = np.fft.ifft2(cross).real
+    iy, ix = np.unravel_index(int(np.argmax(surface)), surface.shape)
+    ny, nx = surface.shape
+    dy = float(iy - ny if iy > ny // 2 else iy)
+    dx = float(ix - nx if ix > nx // 2 else ix)
+    peak = float(surface[iy, ix])
+    if upsample > 1:
+        # evaluate the inverse DFT on a fine grid of +-0.75 px around the integer peak
+        half = math.ceil(0.75 * upsample)
+        offsets = np.arange(-half, half + 1) / upsample
+        ky = np.exp(2j * np.pi * np.outer(dy + offsets, np.fft.fftfreq(ny)))
+        kx = np.exp(2j * np.pi * np.outer(np.fft.fftfreq(nx), dx + offsets))
+        fine = (ky @ cross @ kx).real / (ny * nx)
+        jy, jx = np.unravel_index(int(np.argmax(fine)), fine.shape)
+        dy += float(offsets[jy])
+        dx += float(offsets[jx])
+        peak = max(peak, float(fine[jy, jx]))
+    return dy, dx, peak
+
+
+@dataclass
+class RegistrationResult:
+    """Outcome of :func:`register_burst`; arrays are indexed by frame as in the input.
+
+    Attributes
+    ----------
+    aligned
+        (T, Y, X) float32, every frame warped into the reference frame (input intensity units);
+        pixels a frame does not cover are filled by replicating its edge (see ``coverage``).
+    transforms
+        (T, 2, 3) float64, maps reference-frame pixel coordinates ``(x, y, 1)`` to coordinates
+        in frame t (apply with ``cv2.warpAffine(..., WARP_INVERSE_MAP)``, or
+        :func:`warp_frames`); the identity for the reference frame.
+    ecc
+        (T,) float64, ECC correlation of each aligned frame with the reference at full
+        resolution (zero-mean normalised cross-correlation of the Gaussian pre-filtered images
+        over the pixels the frame covers); 1 for the reference.
+    converged
+        (T,) bool; False when ECC diverged, did not converge, fell back to the phase-correlation
+        translation, or ended below ``min_ecc``. Such frames are kept, never dropped.
+    coverage
+        (Y, X) bool, the pixels that every frame covers after warping.
+    reference
+        Index of the reference frame.
+    motion
+        One of :data:`MOTIONS`.
+    messages
+        One human-readable note per frame that did not converge.
+    sigma
+        Standard deviation (px) of the Gaussian pre-filter the registration used.
+    """
+
+    aligned: np.ndarray
+    transforms: np.ndarray
+    ecc: np.ndarray
+    converged: np.ndarray
+    coverage: np.ndarray
+    reference: int
+    motion: str
+    messages: list[str] = field(default_factory=list)
+    sigma: float = 0.0
+
+    @property
+    def shifts(self) -> np.ndarray:
+        """(T, 2) float64 ``(dy, dx)`` per frame: the translation column of each transform, in
+        pixels (the shift of the content from the reference to the frame, as in
+        :func:`phase_correlation`; for euclidean / affine motion it is the displacement of the
+        top-left pixel)."""
+        return self.transforms[:, ::-1, 2].copy()
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary: reference, motion, transforms, ecc, converged, messages,
+        shifts and sigma, as plain Python lists and numbers."""
+        return {
+            "reference": int(self.reference),
+            "motion": self.motion,
+            "transforms": self.transforms.tolist(),
+            "ecc": [float(v) for v in self.ecc],
+            "converged": [bool(v) for v in self.converged],
+            "messages": list(self.messages),
+            "shifts": self.shifts.tolist(),
+            "sigma": float(self.sigma),
+        }
+
+
+def _check_stack(frames: Any) -> tuple[Any, tuple[int, int, int]]:
+    """Validate the shape and dtype of a (T, Y, X) stack without reading its pixels."""
+    if not (hasattr(frames, "shape") and hasattr(frames, "__getitem__")):
+        frames = np.asarray(frames)
+    shape = tuple(int(n) for n in frames.shape)
+    if len(shape) != 3:
+        raise InputError(f"a burst must be a 3-D stack (T, Y, X); got shape {shape}")
+    dtype = np.dtype(getattr(frames, "dtype", np.float32))
+    if dtype.kind not in "biuf":
+        raise InputError(f"frames must hold integer or float pixels; got dtype {dtype}")
+    t, y, x = shape
+    if t < 2:
+        raise InputError(f"a burst needs at least 2 frames to register; got {t}")
+    if min(y, x) < MIN_FRAME_SIZE:
+        raise InputError(f"frames must be at least {MIN_FRAME_SIZE}x{MIN_FRAME_SIZE} pixels to "
+                         f"register; got {y}x{x}")
+    return frames, shape
+
+
+def _read_frame(frames: Any, t: int, shape: tuple[int, int]) -> np.ndarray:
+    img = np.asarray(frames[t], dtype=np.float32)
+    if img.shape != shape:
+        raise InputError(f"frame {t} has shape {img.shape}; expected {shape} like the stack")
+    if not np.isfinite(img).all():
+        raise InputError(f"frame {t} contains NaN or infinite values; registration needs "
+                         f"finite pixels")
+    return img
+
+
+def _check_transforms(transforms: Any, n: Optional[int] = None) -> np.ndarray:
+    """(T, 2, 3) float64 transforms, finite; ``n`` frames if given."""
+    tr = np.asarray(transforms, dtype=np.float64)
+    if tr.ndim != 3 or tr.shape[1:] != (2, 3) or (n is not None and tr.shape[0] != n):
+        expected = f"({n}, 2, 3)" if n is not None else "(T, 2, 3)"
+        raise InputError(f"transforms must have shape {expected}, one 2x3 matrix per frame; "
+                         f"got {tr.shape}")
+    if not np.isfinite(tr).all():
+        raise InputError("transforms contain NaN or infinite values")
+    return tr
+
+
+def _warp(img: np.ndarray, transform: np.ndarray, flags: int, border: int,
+          out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Frame ``img`` resampled on the reference frame's pixel grid (same shape)."""
+    h, w = img.shape
+    return cv2.warpAffine(img, transform, (w, h), dst=out, flags=flags | cv2.WARP_INVERSE_MAP,
+                          borderMode=border)
+
+
+def _covered(transform: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels ``(x, y)`` of the reference frame whose source position ``transform @ (x, y, 1)``
+    lies inside the frame, ``[0, X - 1] x [0, Y - 1]`` (no border pixel is interpolated).
+
+    The constraints are linear in x, so each row's covered pixels form one interval.
+    """
+    h, w = shape
+    rows = np.arange(h, dtype=np.float64)
+    lo = np.zeros(h)
+    hi = np.full(h, w - 1.0)
+    tol = 1e-6
+    for (a, b, c), upper in zip(transform, (w - 1.0, h - 1.0), strict=True):
+        offset = b * rows + c  # source coordinate at x = 0, per row
+        if abs(a) > 1e-12:
+            ends = np.stack([(-tol - offset) / a, (upper + tol - offset) / a])
+            lo = np.maximum(lo, ends.min(0))
+            hi = np.minimum(hi, ends.max(0))
+        else:
+            inside = (offset >= -tol) & (offset <= upper + tol)
+            hi = np.where(inside, hi, -1.0)
+    cols = np.arange(w, dtype=np.float64)
+    return (cols >= lo[:, None]) & (cols <= hi[:, None])
+
+
+def coverage_mask(transforms: Any, shape: tuple[int, int]) -> np.ndarray:
+    """(Y, X) bool mask of the reference-frame pixels that every frame covers.
+
+    Parameters
+    ----------
+    transforms
+        (T, 2, 3) transforms in the convention of :class:`RegistrationResult`.
+    shape
+        ``(Y, X)`` of a frame.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise InputError(f"shape must be (Y, X) with positive sizes; got {shape}")
+    tr = _check_transforms(transforms)
+    mask = np.ones(shape, bool)
+    for a in tr:
+        mask &= _covered(a, shape)
+    return mask
+
+
+def warp_frames(frames: Any, transforms: Any, *, interpolation: str = "linear",
+                fill: Optional[float] = None) -> np.ndarray:
+    """Warp every frame into the reference frame with given transforms.
+
+    Parameters
+    ----------
+    frames
+        (T, Y, X) stack, any integer or float dtype, or an array-like with ``shape``,
+        ``dtype`` and ``__getitem__`` (frames are read one at a time).
+    transforms
+        (T, 2, 3) transforms mapping reference-frame pixel coordinates ``(x, y, 1)`` to frame
+        coordinates, e.g. ``RegistrationResult.transforms`` or the ``transforms`` list of its
+        :meth:`~RegistrationResult.to_dict`.
+    interpolation
+        ``"nearest"``, ``"linear"`` or ``"cubic"``.
+    fill
+        Value of the pixels that a frame does not cover (whose source position lies outside
+        ``[0, X - 1] x [0, Y - 1]``, as in :func:`coverage_mask`). ``None`` (default)
+        replicates the frame's edge pixels, which keeps the image finite and free of artificial
+        edges for downstream networks; use :func:`coverage_mask` to know which pixels are real.
+        A number (``np.nan`` included) fills them with that constant.
+
+    Returns
+    -------
+    (T, Y, X) float32 in the input's intensity units.
+    """
+    frames, (n, h, w) = _check_stack(frames)
+    tr = _check_transforms(transforms, n)
+    if interpolation not in _CV_INTERPOLATION:
+        raise InputError(f"interpolation must be one of {tuple(_CV_INTERPOLATION)}; "
+                         f"got {interpolation!r}")
+    flags = _CV_INTERPOLATION[interpolation]
+    out = np.empty((n, h, w), np.float32)
+    for t in range(n):
+        _warp(_read_frame(frames, t, (h, w)), tr[t], flags, cv2.BORDER_REPLICATE, out=out[t])
+        if fill is not None:
+            out[t][~_covered(tr[t], (h, w))] = fill
+    return out
+
+
+def _auto_levels(shape: tuple[int, int]) -> int:
+    """Pyramid levels so that the coarsest level keeps >= _COARSEST_SIDE px on its short side."""
+    return max(0, math.floor(math.log2(min(shape) / _COARSEST_SIDE)))
+
+
+def prefilter_sigma(image: np.ndarray) -> float:
+    """Gaussian pre-filter sigma (px) that :func:`register_burst` uses by default.
+
+    ``1 + 0.25 * noise / signal`` clipped to [1, 2], where ``noise`` is the white-noise
+    standard deviation (:func:`~napari_microrestore.core.metrics.noise_sigma`) and ``signal``
+    the standard deviation of the rest, both measured on the central 256x256 pixels of
+    ``image``. The slope is gentle on purpose: on simulated noisy, motion-blurred bursts the
+    sub-pixel accuracy was best for sigma between 1 and 1.5 px and degraded beyond 2 px, since
+    the pyramid and the low-passed phase correlation already give a start close enough that
+    the pre-filter is not needed to widen ECC's basin of convergence.
+    """
+    img = _finite_2d(image, "image")
+    h, w = img.shape
+    s = min(h, w, 256)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    crop = img[y0:y0 + s, x0:x0 + s]
+    noise = noise_sigma(crop)
+    signal = math.sqrt(max(float(crop.var()) - noise * noise, 1e-12 * float(crop.var()) + 1e-30))
+    return float(np.clip(1.0 + 0.25 * noise / signal, 1.0, 2.0))
+
+
+def _pyramid(img: np.ndarray, sigma: float, levels: int) -> list[np.ndarray]:
+    out = [cv2.GaussianBlur(img, (0, 0), sigma) if sigma > 0 else img]
+    for _ in range(levels):
+        out.append(cv2.pyrDown(out[-1]))
+    return out
+
+
+def _max_move(a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> float:
+    """Largest distance (px) between where two transforms send the frame's corners."""
+    h, w = shape
+    corners = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], float)
+    return float(np.linalg.norm(corners @ (a - b).T, axis=1).max())
+
+
+class _FullResolution:
+    """The ECC objective at full resolution against one (pre-filtered) reference frame: the
+    correlation, and inverse-compositional Gauss-Newton steps.
+
+    The reference's Jacobian is computed once per burst, so a step costs one warp of the frame
+    and a few dot products, instead of the set-up and iterations of a full-resolution
+    ``cv2.findTransformECC`` call. Linear interpolation, as in ECC. Transform parameters act
+    about the frame centre, which keeps the normal equations well scaled.
+    """
+
+    def __init__(self, ref_f: np.ndarray, motion: str) -> None:
+        h, w = ref_f.shape
+        self.ref = ref_f
+        self.motion = motion
+        self.centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+        yc, xc = np.mgrid[0:h, 0:w].astype(np.float32)
+        xc -= np.float32(self.centre[0])
+        yc -= np.float32(self.centre[1])
+        gx = cv2.Sobel(ref_f, cv2.CV_32F, 1, 0, ksize=1, scale=0.5)
+        gy = cv2.Sobel(ref_f, cv2.CV_32F, 0, 1, ksize=1, scale=0.5)
+        self.jac = self._jacobian(gx, gy, xc, yc).reshape(-1, h * w)
+        # the Hessian is summed over every _HESSIAN_STRIDE-th row, inner columns
+        self.sub = (slice(1, h - 1, _HESSIAN_STRIDE), slice(1, w - 1))
+        k = self.jac.shape[0]
+        self.jac_sub = self.jac.reshape(k, h, w)[(slice(None), *self.sub)].reshape(k, -1)
+        self.xc_sub, self.yc_sub = xc[self.sub], yc[self.sub]
+
+    def _sample(self, img_f: np.ndarray, warp: np.ndarray):
+        """Covered-pixel mask, the warped frame, and the flattened frame and reference made
+        zero-mean over the covered pixels and zero elsewhere; None when nothing is covered."""
+        valid = _covered(warp, self.ref.shape)
+        count = int(np.count_nonzero(valid))
+        if count == 0:
+            return valid, None
+        warped = _warp(img_f, warp, cv2.INTER_LINEAR, cv2.BORDER_REPLICATE)
+        weights = valid.ravel().astype(np.float32)
+        img, ref = warped.ravel(), self.ref.ravel()
+        img = (img - np.float32(float(img @ weights) / count)) * weights
+        ref = (ref - np.float32(float(ref @ weights) / count)) * weights
+        return valid, (warped, img, ref)
+
+    def correlation(self, img_f: np.ndarray, warp: np.ndarray) -> tuple[float, np.ndarray]:
+        """ECC correlation of ``img_f`` warped by ``warp`` with the reference, over the pixels
+        it covers, and that coverage mask."""
+        valid, sample = self._sample(img_f, warp)
+        if sample is None:
+            return 0.0, valid
+        _, img, ref = sample
+        den = math.sqrt(float(img @ img) * float(ref @ ref))
+        return (float(img @ ref) / den if den > 0 else 0.0), valid
+
+    def step(self, img_f: np.ndarray, warp: np.ndarray) -> np.ndarray:
+        """``warp`` after one Gauss-Newton step (unchanged where the step is undefined)."""
+        valid, sample = self._sample(img_f, warp)
+        if sample is None:
+            return warp
+        warped, img, ref = sample
+        img_norm = float(img @ img)
+        valid_sub = valid[self.sub]
+        in_sub = int(np.count_nonzero(valid_sub))
+        if img_norm <= 0 or in_sub == 0:
+            return warp
+        # minimise |ref(W_d(x)) - gain * img(W(x))|^2 over d, then W <- W o W_d^-1; the
+        # residual is zero outside the covered pixels
+        residual = np.float32(float(img @ ref) / img_norm) * img - ref
+        gradient = (self.jac @ residual).astype(np.float64)
+        # The Hessian pairs the reference's Jacobian with the warped frame's: their noises are
+        # independent, so it is not inflated by gradient noise (which would shrink the step).
+        rows, cols = self.sub
+        ix = 0.5 * (warped[rows, 2:] - warped[rows, :-2])
+        iy = 0.5 * (warped[rows.start + 1:: rows.step][:ix.shape[0], cols]
+                    - warped[rows.start - 1:: rows.step][:ix.shape[0], cols])
+        jac_img = self._jacobian(ix, iy, self.xc_sub, self.yc_sub).reshape(len(gradient), -1)
+        jac_img *= valid_sub.ravel()
+        hessian = (self.jac_sub @ jac_img.T).astype(np.float64)
+        hessian *= np.count_nonzero(valid) / in_sub
+        try:
+            d = np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            return warp
+        return self._compose(warp, d)
+
+    def _jacobian(self, gx: np.ndarray, gy: np.ndarray, xc: np.ndarray,
+                  yc: np.ndarray) -> np.ndarray:
+        """(K, ...) derivatives of an image warped by ``W_d`` with respect to ``d`` at
+        ``d = 0``, from its gradients and the pixels' coordinates relative to the centre."""
+        if self.motion == "translation":
+            return np.stack([gx, gy])
+        if self.motion == "euclidean":
+            return np.stack([gy * xc - gx * yc, gx, gy])
+        return np.stack([gx * xc, gx * yc, gx, gy * xc, gy * yc, gy])
+
+    def _compose(self, warp: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """``warp o W_d^-1`` where ``W_d`` acts about the frame centre."""
+        if self.motion == "translation":
+            lin, shift = np.eye(2), d
+        elif self.motion == "euclidean":
+            c, s = math.cos(d[0]), math.sin(d[0])
+            lin, shift = np.array([[c, -s], [s, c]]), d[1:]
+        else:
+            lin, shift = np.eye(2) + d[[0, 1, 3, 4]].reshape(2, 2), d[[2, 5]]
+        step = np.eye(3)
+        step[:2, :2] = lin
+        step[:2, 2] = self.centre + shift - lin @ self.centre
+        full = np.vstack([warp, [0.0, 0.0, 1.0]])
+        return (full @ np.linalg.inv(step))[:2]
+
+
+def _refine(ref_pyr: list[np.ndarray], img_pyr: list[np.ndarray], warp: np.ndarray,
+            motion: str, criteria: tuple[int, int, float],
+            finest: int) -> tuple[np.ndarray, Optional[str]]:
+    """ECC coarse to fine, from the coarsest level down to level ``finest``.
+
+    ``warp`` and the returned warp are in full-resolution pixel coordinates: ``pyrDown`` maps
+    pixel ``2 u`` to pixel ``u``, so only the translation column scales with the level.
+    Returns the refined warp and None, or the best warp so far and why ECC failed.
+    """
+    for level in range(len(ref_pyr) - 1, finest - 1, -1):
+        scale = 2.0 ** level
+        w_l = warp.astype(np.float32)
+        w_l[:, 2] /= scale
+        try:
+            _, w_l = cv2.findTransformECC(ref_pyr[level], img_pyr[level], w_l, _CV_MOTION[motion],
+                                          criteria, None, 1)
+        except cv2.error as exc:
+            # keep OpenCV's sentence, drop its source path and function name
+            found = re.search(r"error: \([^)]*\) (.*?)(?: in function|$)", str(exc), re.DOTALL)
+            reason = (found.group(1) if found else str(exc)).strip().rstrip(".")
+            return warp, f"ECC failed at pyramid level {level} ({reason})"
+        if not np.isfinite(w_l).all():
+            return warp, f"ECC gave a non-finite transform at pyramid level {level}"
+        warp = w_l.astype(np.float64)
+        warp[:, 2] *= scale
+    return warp, None
+
+
+def register_burst(frames: Any, reference: Optional[int] = None, motion: str = "translation", *,
+                   levels: Optional[int] = None, finest: Optional[int] = None,
+                   sigma: Optional[float] = None, max_iter: int = 50, eps: float = 1e-4,
+                   min_ecc: float = 0.2, progress: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelToken] = None) -> RegistrationResult:
+    """Register every frame of a burst directly to a reference frame.
+
+    Parameters
+    ----------
+    frames
+        (T, Y, X) stack with T >= 2 and frames of at least 16x16 pixels, any integer or float
+        dtype, finite; or an array-like with ``shape``, ``dtype`` and ``__getitem__`` (a lazy
+        reader), read one frame at a time.
+    reference
+        Index of the reference frame (negative indices count from the end); default ``T // 2``.
+    motion
+        ``"translation"``, ``"euclidean"`` (rotation + translation) or ``"affine"``.
+    levels
+        Number of ``cv2.pyrDown`` reductions below full resolution; phase correlation runs on
+        the coarsest level. Default: as many as keep at least 96 pixels on the shorter side.
+    finest
+        Pyramid level at which ECC stops (0 = full resolution); default ``min(levels, 2)``.
+        Above level 0 the transform is then polished at full resolution by Gauss-Newton steps
+        of the ECC objective (usually one; with the reference's gradients computed once per
+        burst), which replace the costly full-resolution ECC iterations. The result is always
+        warped at full resolution.
+    sigma
+        Standard deviation, in full-resolution pixels, of the Gaussian pre-filter applied to
+        every frame before registration (what ECC's ``gaussFiltSize`` does, done once per
+        frame); default :func:`prefilter_sigma` of the reference frame (1 to 2 px, growing with
+        the noise). The aligned output is not filtered.
+    max_iter, eps
+        ECC stopping criteria at each pyramid level: at most ``max_iter`` iterations, or stop
+        when the correlation changes by less than ``eps``.
+    min_ecc
+        Frames whose final ECC correlation is below this value are flagged as not converged.
+    progress
+        Optional ``progress(fraction, message)`` callback, called after each frame.
+    cancel
+        Optional :class:`~napari_microrestore.core.errors.CancelToken`, checked between frames.
+
+    Returns
+    -------
+    RegistrationResult
+        Frames that did not converge keep their best transform (at worst the phase-correlation
+        translation), are flagged in ``converged`` and explained in ``messages``.
+    """
+    frames, (n, h, w) = _check_stack(frames)
+    if motion not in MOTIONS:
+        raise InputError(f"motion must be one of {MOTIONS}; got {motion!r}")
+    ref_index = n // 2 if reference is None else reference
+    if isinstance(ref_index, bool) or int(ref_index) != ref_index or not -n <= ref_index < n:
+        raise InputError(f"reference must be a frame index in [0, {n - 1}]; got {reference!r}")
+    ref_index = int(ref_index) % n
+    max_levels = math.floor(math.log2(min(h, w) / 8))
+    if levels is None:
+        levels = _auto_levels((h, w))
+    elif int(levels) != levels or not 0 <= levels <= max_levels:
+        raise InputError(f"levels must be an integer in [0, {max_levels}] for {h}x{w} frames "
+                         f"(the coarsest level keeps >= 8 px); got {levels!r}")
+    levels = int(levels)
+    if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
+        raise InputError(f"sigma must be a finite number >= 0 (pixels); got {sigma!r}")
+    if finest is not None and (int(finest) != finest or not 0 <= finest <= levels):
+        raise InputError(f"finest must be an integer level in [0, levels={levels}]; "
+                         f"got {finest!r}")
+    if int(max_iter) != max_iter or max_iter < 1:
+        raise InputError(f"max_iter must be a positive integer; got {max_iter!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise InputError(f"eps must be a finite number >= 0; got {eps!r}")
+    if not math.isfinite(min_ecc):
+        raise InputError(f"min_ecc must be a finite number (a correlation); got {min_ecc!r}")
+    criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, int(max_iter), float(eps))
+
+    check_cancel(cancel)
+    ref = _read_frame(frames, ref_index, (h, w))
+    if sigma is None:
+        sigma = prefilter_sigma(ref)
+    finest = min(levels, _FINEST) if finest is None else int(finest)
+    ref_pyr = _pyramid(ref, sigma, levels)
+    scale = 2.0 ** levels
+    # phase correlation weights the spectrum by the Gaussian the coarsest level went through:
+    # the pre-filter and the pyrDown kernels (variance 4^i full-res px^2 at level i)
+    pc_lowpass = math.sqrt(sigma ** 2 + (4.0 ** levels - 1.0) / 3.0) / scale
+    full = _FullResolution(ref_pyr[0], motion)
+    aligned = np.empty((n, h, w), np.float32)
+    transforms = np.tile(np.eye(2, 3), (n, 1, 1))
+    ecc = np.ones(n)
+    converged = np.ones(n, bool)
+    coverage = np.ones((h, w), bool)
+    messages: list[str] = []
+    aligned[ref_index] = ref
+    report(progress, 1.0 / n, f"reference frame {ref_index}")
+    for done, t in enumerate((t for t in range(n) if t != ref_index), start=2):
+        check_cancel(cancel)
+        img = _read_frame(frames, t, (h, w))
+        img_pyr = _pyramid(img, sigma, levels)
+        dy, dx, _ = phase_correlation(ref_pyr[-1], img_pyr[-1], lowpass=pc_lowpass)
+        start = np.array([[1.0, 0.0, dx * scale], [0.0, 1.0, dy * scale]])
+        warp, failure = _refine(ref_pyr, img_pyr, start, motion, criteria, finest)
+        # full-resolution polish: Gauss-Newton steps while a step moves the frame by more than
+        # _POLISH_TOL px (one is usually enough; more add noise, not accuracy). A step longer
+        # than a pixel of the finest ECC level means the linearisation does not hold: not taken.
+        # (Keeping the transform of highest correlation instead would favour half-pixel
+        # positions, where linear interpolation smooths the noise away.)
+        for _ in range(_POLISH_STEPS if failure is None and finest > 0 else 0):
+            polished = full.step(img_pyr[0], warp)
+            move = _max_move(warp, polished, (h, w))
+            if move > 2.0 ** finest:
+                break
+            warp = polished
+            if move < _POLISH_TOL:
+                break
+        ecc[t], valid = full.correlation(img_pyr[0], warp)
+        transforms[t] = warp
+        _warp(img, warp, cv2.INTER_LINEAR, cv2.BORDER_REPLICATE, out=aligned[t])
+        coverage &= valid
+        overlap = float(valid.mean())
+        if failure is None and overlap < _MIN_OVERLAP:
+            failure = (f"the registered frame covers only {overlap:.0%} of the reference frame "
+                       f"(ECC wandered off)")
+        if failure is None and ecc[t] < min_ecc:
+            failure = f"its ECC correlation {ecc[t]:.3f} is below min_ecc={min_ecc:g}"
+        if failure is not None:
+            converged[t] = False
+            messages.append(f"frame {t} did not converge: {failure}; kept shift (dy, dx) = "
+                            f"({warp[1, 2]:.2f}, {warp[0, 2]:.2f}) px")
+        report(progress, done / n, f"registered frame {t}")
+    return RegistrationResult(aligned=aligned, transforms=transforms, ecc=ecc,
+                              converged=converged, coverage=coverage, reference=ref_index,
+                              motion=motion, messages=messages, sigma=float(sigma))
