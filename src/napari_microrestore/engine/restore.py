@@ -117,7 +117,10 @@ def run_net(net, x: np.ndarray, *, burst: bool, device: str, tile: Optional[int]
     halo = min(halo, 256)
     blend = max(8, multiple)
     use_amp = device.startswith("cuda")
-    if tile is None:
+    if not getattr(net, "tile_safe", True):
+        # e.g. InstanceNorm: tiles would disagree in brightness, so run the whole slice
+        tile = max(x.shape[-2:])
+    elif tile is None:
         tile = default_tile(device, x.shape[0])
 
     def fn(t: np.ndarray) -> np.ndarray:
