@@ -324,9 +324,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                f"--frames {args.frames} --seed {args.seed} --write-card")
         d["metrics"] = {"command": cmd, "split": res["protocol"]["split"],
                         "protocol": res["protocol"], "values": v}
-        from .models.zoo import _atomic_bytes
+        from .core.io import write_bytes
 
-        _atomic_bytes(card.path, yaml.safe_dump(d, sort_keys=False).encode("utf-8"))
+        write_bytes(card.path, yaml.safe_dump(d, sort_keys=False).encode("utf-8"))
         print(f"wrote metrics into {card.path}")
     return 0
 

@@ -1040,6 +1040,11 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     return path
 
 
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file beside it, then rename)."""
+    return _atomic_write(Path(path), lambda fh: fh.write(data))
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +36,7 @@ from typing import Any, Optional
 import yaml
 
 from ..core.errors import InputError
+from ..core.io import write_bytes
 
 PACKAGE_ZOO = Path(__file__).resolve().parent.parent / "zoo"
 TASKS = ("burst-deblur", "single-deblur", "defocus", "sstem", "sr2x")
@@ -243,20 +243,6 @@ def load_model(card: ModelCard, *, device: str = "cpu") -> Any:
     return net.to(device).eval()
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_model(net: Any, card: ModelCard | dict, folder: Path | str, *,
                dtype: str = "float16") -> ModelCard:
     """Save ``net``'s weights (safetensors) and its card (YAML) into ``folder``, atomically.
@@ -279,8 +265,8 @@ def save_model(net: Any, card: ModelCard | dict, folder: Path | str, *,
              .contiguous() for k, v in net.state_dict().items()}
     blob = st_save(state)
     wfile = f"{model_id}.safetensors"
-    _atomic_bytes(folder / wfile, blob)
+    write_bytes(folder / wfile, blob)
     d["weights"] = {"file": wfile, "sha256": hashlib.sha256(blob).hexdigest(), "dtype": dtype}
     card_path = folder / f"{model_id}.yaml"
-    _atomic_bytes(card_path, yaml.safe_dump(d, sort_keys=False).encode("utf-8"))
+    write_bytes(card_path, yaml.safe_dump(d, sort_keys=False).encode("utf-8"))
     return read_card(card_path, source="user")
