@@ -116,12 +116,213 @@ def make_burst_sample(sections: Sequence[np.ndarray], spec: BurstSpec,
     }
 
 
-def make_burst_batch(sections, spec: BurstSpec, rng: np.random.Generator, batch: int) -> dict:
-    """A batch of samples with the same frame count: x (B, T, 1, P, P), y and mask (B, 1, P, P)."""
-    t = int(rng.integers(spec.frames[0], spec.frames[1] + 1))
-    samples = [make_burst_sample(sections, spec, rng, n_frames=t) for _ in range(batch)]
-    return {
-        "x": np.stack([s["x"] for s in samples])[:, :, None],
-        "y": np.stack([s["y"] for s in samples])[:, None],
-        "mask": np.stack([s["mask"] for s in samples])[:, None],
-    }
+# --------------------------------------------------------------------------------------------
+# samplers for every task: sample(rng) -> {"x": input, "y": (1, P*s, P*s) target,
+# "mask": (1, P*s, P*s) where the loss counts, "base": (P*s, P*s) the classical answer}
+# all in the normalised space of the input (its mean / std)
+# --------------------------------------------------------------------------------------------
+def _norm_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    mean, std = float(x.mean()), float(x.std()) or 1.0
+    return ((x - mean) / std).astype(np.float32), ((y - mean) / std).astype(np.float32), mean, std
+
+
+def _crop(img: np.ndarray, size_y: int, size_x: int, rng: np.random.Generator) -> np.ndarray:
+    h, w = img.shape[-2:]
+    if h < size_y or w < size_x:
+        raise InputError(f"image {img.shape} is smaller than the {size_y}x{size_x} crop")
+    y0 = int(rng.integers(0, h - size_y + 1))
+    x0 = int(rng.integers(0, w - size_x + 1))
+    return img[..., y0:y0 + size_y, x0:x0 + size_x]
+
+
+def _augment(stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Same random flip / rot90 on the last two axes of every array in ``stack``."""
+    k = int(rng.integers(4))
+    out = np.rot90(stack, k, axes=(-2, -1))
+    if rng.random() < 0.5:
+        out = out[..., ::-1]
+    return np.ascontiguousarray(out)
+
+
+class BurstSampler:
+    """Simulated TEM-stream bursts (see :func:`make_burst_sample`). With ``channels_in`` the
+    frames are stacked as channels of a single-image net (the DeblurGAN-v2 baseline)."""
+
+    burst = True
+
+    def __init__(self, data_cfg: dict, split: str, *, channels_in: bool = False):
+        self.spec = BurstSpec(**dict(data_cfg.get("burst", {})))
+        self.sections = load_sections(data_cfg["sources"], split=split,
+                                      val_fraction=data_cfg.get("val_fraction", 0.2))
+        self.channels_in = channels_in
+        self.burst = not channels_in
+        self.n_frames = None
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        s = make_burst_sample(self.sections, self.spec, rng, n_frames=self.n_frames)
+        return {"x": s["x"], "y": s["y"][None], "mask": s["mask"][None], "base": s["x"].mean(0)}
+
+
+class SR2xSampler:
+    """Joint denoising + 2x super-resolution: a clean crop is down-sampled 2x (2x2 area mean,
+    a detector with pixels twice as large) and recorded with Poisson noise at a dose drawn
+    from ``dose``; the target is the clean crop. Base: bicubic up-sampling of the input."""
+
+    burst = False
+
+    def __init__(self, data_cfg: dict, split: str):
+        self.sections = load_sections(data_cfg["sources"], split=split,
+                                      val_fraction=data_cfg.get("val_fraction", 0.2))
+        self.patch = int(data_cfg.get("patch", 48))
+        self.dose = tuple(data_cfg.get("dose", (20.0, 200.0)))
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        import cv2
+
+        p = self.patch
+        img = self.sections[int(rng.integers(len(self.sections)))]
+        hr = _augment(_crop(img, 2 * p, 2 * p, rng), rng).astype(np.float32) + 1.0
+        clean_lr = degrade.downsample2x(hr)
+        dose = float(rng.uniform(*self.dose))
+        lr = degrade.poisson_gaussian_noise(clean_lr, dose, rng=rng)
+        # the target in the same units (counts) as the noisy input
+        x, y, _, _ = _norm_pair(lr, hr * (dose / float(clean_lr.mean())))
+        base = cv2.resize(x, (2 * p, 2 * p), interpolation=cv2.INTER_CUBIC)
+        return {"x": x[None], "y": y[None], "mask": np.ones((1, 2 * p, 2 * p), np.float32),
+                "base": base}
+
+
+def load_defocus_pairs(root: Optional[Path] = None) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Real (defocused, in-focus, defocus in um) pairs of the DFNN microtubule data.
+
+    The single-shot pairs use the in-focus image the data's ReadMe assigns to each defocus;
+    the z-stack gives pairs of every plane with the in-focus plane (stack index 15, 0.05 um
+    steps)."""
+    from ..core import io
+
+    root = Path(root) if root is not None else shared_data_dir()
+    d = root / "defocus" / "dfnn_microtubules"
+    single = d / "single"
+    if not single.is_dir():
+        raise InputError(f"defocus data not found in {d} (set MICRORESTORE_SHARED_DATA)")
+    on = io.read_array(single / "cell11G3Dz0p5umON.tif").astype(np.float32)
+    on1 = io.read_array(single / "cell11G3Dz0p5umON_1.tif").astype(np.float32)
+    first_ref = {"M0p1um", "P0p1um", "M0p3um"}
+    pairs = []
+    for f in sorted(single.glob("cell11G3Dz0p5umOff*.tif")):
+        tag = f.stem.split("Off")[1]
+        amount = float(tag[1:].replace("p", ".").replace("um", "")) * (-1 if tag[0] == "M" else 1)
+        pairs.append((io.read_array(f).astype(np.float32), on if tag in first_ref else on1, amount))
+    stack = io.read_array(d / "stack_z0036-0066_infocus0051.tif").astype(np.float32)
+    for i in range(len(stack)):
+        if i != 15:
+            pairs.append((stack[i], stack[15], (i - 15) * 0.05))
+    return pairs
+
+
+class DefocusSampler:
+    """Real defocus pairs, split by image rows: rows < ``split_row`` train, rows >=
+    ``split_row`` + 32 validate (never trained on). Each real pair is used with probability
+    1 - ``simulated``; otherwise the in-focus image is defocused by core.degrade (Gaussian or
+    diffraction PSF, random amount) for variety."""
+
+    burst = False
+
+    def __init__(self, data_cfg: dict, split: str):
+        self.pairs = load_defocus_pairs()
+        self.patch = int(data_cfg.get("patch", 128))
+        self.split_row = int(data_cfg.get("split_row", 560))
+        self.simulated = float(data_cfg.get("simulated", 0.3))
+        self.split = split
+
+    def _rows(self, a: np.ndarray) -> np.ndarray:
+        return a[: self.split_row] if self.split == "train" else a[self.split_row + 32:]
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        p = self.patch
+        blurred, sharp, _ = self.pairs[int(rng.integers(len(self.pairs)))]
+        both = np.stack([self._rows(blurred), self._rows(sharp)])
+        both = _augment(_crop(both, p, p, rng), rng)
+        inp, tgt = both[0], both[1]
+        if rng.random() < self.simulated:
+            inp = degrade.defocus(tgt, float(rng.uniform(1.0, 6.0)),
+                                  psf="gaussian" if rng.random() < 0.5 else "diffraction")
+            inp = inp + rng.normal(scale=0.02 * float(tgt.std()) + 1e-3, size=inp.shape)
+        x, y, _, _ = _norm_pair(inp.astype(np.float32), tgt.astype(np.float32))
+        return {"x": x[None], "y": y[None], "mask": np.ones((1, p, p), np.float32), "base": x}
+
+    def validation_pairs(self) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """Every real pair, restricted to the validation rows."""
+        return [(self._rows(b), self._rows(s), a) for b, s, a in self.pairs]
+
+
+class SectionSampler:
+    """ssTEM restoration: a section with its two neighbours. With probability ``missing`` the
+    section is lost (mask all ones, current channel zero), else damaged by a support-film fold
+    or stain precipitates (core.degrade; mask = artefact). Target: the real section. Base: the
+    mean of the neighbours where the mask is set, the section elsewhere."""
+
+    burst = False
+
+    def __init__(self, data_cfg: dict, split: str):
+        from ..core import io
+
+        self.stacks = []
+        frac = data_cfg.get("val_fraction", 0.2)
+        for src in data_cfg["sources"]:
+            p = Path(src) if Path(src).is_absolute() else shared_data_dir() / src
+            arr = np.asarray(io.read(p, lazy=False).data, np.float32)
+            n_val = max(3, int(round(len(arr) * frac)))
+            self.stacks.append(arr[-n_val:] if split == "val" else arr[:-n_val])
+        self.patch = int(data_cfg.get("patch", 128))
+        self.missing = float(data_cfg.get("missing", 0.5))
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        p = self.patch
+        st = self.stacks[int(rng.integers(len(self.stacks)))]
+        z = int(rng.integers(1, len(st) - 1))
+        trio = _augment(_crop(st[z - 1:z + 2], p, p, rng), rng)
+        if rng.random() < 0.5:
+            trio = trio[::-1].copy()  # the net should not care which neighbour is which
+        prev, cur, nxt = trio
+        if rng.random() < self.missing:
+            mask = np.ones((p, p), np.float32)
+            damaged = np.zeros_like(cur)
+        else:
+            damaged, m = (degrade.fold if rng.random() < 0.5 else degrade.precipitates)(cur, rng=rng)
+            mask = m.astype(np.float32)
+        ref = np.stack([prev, nxt])
+        mean, std = float(ref.mean()), float(ref.std()) or 1.0
+        n = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+        cur_in = np.zeros_like(cur) if mask.all() else n(damaged)
+        x = np.stack([n(prev), cur_in, n(nxt), mask])
+        avg = 0.5 * (n(prev) + n(nxt))
+        base = np.where(mask > 0, avg, cur_in)
+        return {"x": x, "y": n(cur)[None], "mask": np.ones((1, p, p), np.float32), "base": base}
+
+
+SAMPLERS = {
+    "burst-deblur": lambda d, s: BurstSampler(d, s),
+    "single-deblur": lambda d, s: BurstSampler(d, s, channels_in=True),
+    "sr2x": SR2xSampler,
+    "defocus": DefocusSampler,
+    "sstem": SectionSampler,
+}
+
+
+def make_sampler(task: str, data_cfg: dict, split: str):
+    if task not in SAMPLERS:
+        raise InputError(f"no training data pipeline for task {task!r}")
+    return SAMPLERS[task](data_cfg, split)
+
+
+def make_batch(sampler, rng: np.random.Generator, batch: int) -> dict:
+    """Stack ``batch`` samples: burst inputs get a channel axis, (B, T, 1, P, P)."""
+    if getattr(sampler, "spec", None) is not None and sampler.burst:
+        sampler.n_frames = int(rng.integers(sampler.spec.frames[0], sampler.spec.frames[1] + 1))
+    samples = [sampler.sample(rng) for _ in range(batch)]
+    x = np.stack([s["x"] for s in samples])
+    if sampler.burst:
+        x = x[:, :, None]
+    return {"x": x, "y": np.stack([s["y"] for s in samples]),
+            "mask": np.stack([s["mask"] for s in samples])}

@@ -180,9 +180,15 @@ def _select_frames(n: int, reference: int, max_frames: int) -> list[int]:
 def restore(data, model: str | ModelCard, *, device: str = "auto",
             reference: Optional[int] = None, register: bool = True,
             motion: str = "translation", sections: Optional[list[int]] = None,
-            tile: Optional[int] = None, progress: Optional[ProgressCallback] = None,
+            tile: Optional[int] = None, masks: Optional[np.ndarray] = None,
+            progress: Optional[ProgressCallback] = None,
             cancel: Optional[CancelToken] = None) -> RestoreResult:
-    """Restore ``data`` with ``model`` (a zoo id, a card path or a :class:`ModelCard`)."""
+    """Restore ``data`` with ``model`` (a zoo id, a card path or a :class:`ModelCard`).
+
+    ``masks`` (ssTEM models): (Z, Y, X) artefact masks (True = damaged, e.g. a folds /
+    precipitates Labels layer); a section to restore without a mask is re-made whole from its
+    neighbours, and blank sections are detected as missing.
+    """
     card = model if isinstance(model, ModelCard) else get_card(model)
     t0 = time.perf_counter()
     dev = "cpu" if card.is_classical else resolve_device(device)
@@ -197,7 +203,7 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
         res = _restore_burst(data, card, dev, reference, register, motion, tile, progress,
                              cancel, prov)
     elif card.task == "sstem":
-        res = _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov)
+        res = _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov, masks)
     else:
         res = _restore_single(data, card, dev, tile, progress, cancel, prov)
     prov["seconds"] = round(time.perf_counter() - t0, 3)
@@ -248,8 +254,12 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
 
     net = _load_net(card, dev)
     x, mean, std = _normalise(aligned, coverage if coverage.any() else None)
-    y, tiling = run_net(net, x, burst=True, device=dev, tile=tile, progress=sub(0.3, 1.0),
-                        cancel=cancel)
+    # single-deblur nets take a fixed number of registered frames as channels
+    channels_in = card.task == "single-deblur"
+    if channels_in and len(x) != fr["max"]:
+        raise InputError(f"model {card.id} takes exactly {fr['max']} frames; got {len(x)}")
+    y, tiling = run_net(net, x, burst=not channels_in, device=dev, tile=tile,
+                        progress=sub(0.3, 1.0), cancel=cancel)
     prov["tiling"] = tiling
     prov["normalisation"] = {"mean": mean, "std": std}
     return RestoreResult((y[0] * std + mean).astype(np.float32), prov, reg)
@@ -285,12 +295,24 @@ def missing_sections(stack: np.ndarray, *, rel_std: float = 0.02) -> list[int]:
     return [int(i) for i in np.flatnonzero(stds <= rel_std * max(ref, 1e-12))]
 
 
-def _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov):
+def _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov, masks=None):
     stack = _as_float_stack(data, (3,), "a section stack")
     z = stack.shape[0]
     if z < 3:
         raise InputError(f"an ssTEM stack needs at least 3 sections; got {z}")
-    todo = sorted(set(missing_sections(stack) if sections is None else sections))
+    if masks is not None:
+        masks = np.asarray(masks, bool)
+        if masks.shape != stack.shape:
+            raise InputError(f"artefact masks must have the stack's shape {stack.shape}; "
+                             f"got {masks.shape}")
+    missing = set(missing_sections(stack))
+    if sections is None:
+        todo = set(missing)
+        if masks is not None:
+            todo |= {int(i) for i in np.flatnonzero(masks.reshape(z, -1).any(1))}
+    else:
+        todo = set(sections)
+    todo = sorted(todo)
     bad = [s for s in todo if not 0 <= s < z]
     if bad:
         raise InputError(f"sections {bad} are outside the stack's 0..{z - 1}")
@@ -299,25 +321,33 @@ def _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov):
     if not todo:
         return RestoreResult(out, prov)
     net = _load_net(card, dev)
-    damaged = set(todo)
+    lost = missing | {s for s in todo if s in missing}
+    prov["missing"] = sorted(lost & set(todo))
+    prov["mask_source"] = {}
     for k, s in enumerate(todo):
         check_cancel(cancel)
-        # nearest undamaged neighbours (or the edge section mirrored)
-        prev = next((j for j in range(s - 1, -1, -1) if j not in damaged), None)
-        nxt = next((j for j in range(s + 1, z) if j not in damaged), None)
+        # nearest sections that are not missing (or the one existing neighbour twice)
+        prev = next((j for j in range(s - 1, -1, -1) if j not in lost), None)
+        nxt = next((j for j in range(s + 1, z) if j not in lost), None)
         if prev is None and nxt is None:
-            raise InputError("every section is marked damaged; nothing to restore from")
+            raise InputError("every section is missing; nothing to restore from")
         prev = nxt if prev is None else prev
         nxt = prev if nxt is None else nxt
         ref = np.stack([stack[prev], stack[nxt]])
         _, mean, std = _normalise(ref)
-        missing = stack[s].std() <= 0.02 * max(float(ref.std()), 1e-12)
-        mask = np.ones(stack.shape[1:], np.float32)  # whole section restored
-        cur = np.zeros_like(mask) if missing else (stack[s] - mean) / std
-        x = np.stack([(stack[prev] - mean) / std, cur, (stack[nxt] - mean) / std, mask])
+        if s in lost:
+            mask, src = np.ones(stack.shape[1:], bool), "missing"
+        elif masks is not None and masks[s].any():
+            mask, src = masks[s], "given"
+        else:
+            # no artefact mask: the whole section is re-made from its neighbours
+            mask, src = np.ones(stack.shape[1:], bool), "whole section"
+        prov["mask_source"][str(s)] = src
+        maskf = mask.astype(np.float32)
+        cur = np.zeros_like(maskf) if mask.all() else (stack[s] - mean) / std
+        x = np.stack([(stack[prev] - mean) / std, cur, (stack[nxt] - mean) / std, maskf])
         y, tiling = run_net(net, x, burst=False, device=dev, tile=tile, cancel=cancel)
         out[s] = y[0] * std + mean
         prov["tiling"] = tiling
         report(progress, (k + 1) / len(todo), f"section {s} ({k + 1}/{len(todo)})")
     return RestoreResult(out, prov)
-

@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 
 from ..core.errors import CancelToken, InputError, check_cancel
-from .data import BurstSpec, load_sections, make_burst_batch, make_burst_sample
+from .data import make_batch, make_sampler
 
 
 @dataclass
@@ -73,20 +73,17 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
-def _burst_spec(cfg: dict) -> BurstSpec:
-    b = dict(cfg["data"].get("burst", {}))
-    return BurstSpec(**b)
-
-
 def validation_set(cfg: dict, n: Optional[int] = None, seed: int = 12345) -> list[dict]:
-    """Fixed validation bursts from the held-out sections (same seed, same set)."""
-    spec = _burst_spec(cfg)
-    sections = load_sections(cfg["data"]["sources"], split="val",
-                             val_fraction=cfg["data"].get("val_fraction", 0.2))
+    """Fixed validation samples from the held-out data (same seed, same set)."""
+    sampler = make_sampler(cfg["task"], cfg["data"], "val")
+    if getattr(sampler, "spec", None) is not None:
+        sampler.n_frames = int(round(np.mean(sampler.spec.frames)))
     rng = np.random.default_rng(seed)
     n = n or int(cfg["train"].get("val_bursts", 32))
-    t = int(round(np.mean(spec.frames)))
-    return [make_burst_sample(sections, spec, rng, n_frames=t) for _ in range(n)]
+    samples = [sampler.sample(rng) for _ in range(n)]
+    for s in samples:
+        s["burst"] = sampler.burst
+    return samples
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -127,8 +124,9 @@ def make_loss(weights: dict):
 
 
 def evaluate_net(net, samples: list[dict], device: str = "cpu") -> dict:
-    """Mean PSNR / SSIM (normalised space, over the covered region, after a gain + offset fit)
-    of ``net`` on prepared validation samples, and the same for the registered mean."""
+    """Mean PSNR / SSIM (normalised space, over the mask, after a gain + offset fit) of ``net``
+    on prepared validation samples, and the same for each sample's classical ``base``
+    (registered mean, bicubic, neighbour average, the defocused input)."""
     import torch
 
     from ..core import metrics
@@ -137,11 +135,13 @@ def evaluate_net(net, samples: list[dict], device: str = "cpu") -> dict:
     scores = {"psnr": [], "ssim": [], "mean_psnr": [], "mean_ssim": []}
     with torch.inference_mode():
         for s in samples:
-            x = torch.from_numpy(s["x"])[None, :, None].to(device)
-            pred = net(x)[0, 0].float().cpu().numpy()
-            mask = s["mask"] > 0
-            for key, img in (("", pred), ("mean_", s["x"].mean(0))):
-                r = metrics.compare(img, s["y"], mask=mask, fit=True)
+            x = torch.from_numpy(s["x"])[None]
+            if s.get("burst"):
+                x = x[:, :, None]
+            pred = net(x.to(device))[0, 0].float().cpu().numpy()
+            mask = s["mask"][0] > 0
+            for key, img in (("", pred), ("mean_", s["base"])):
+                r = metrics.compare(img, s["y"][0], mask=mask, fit=True)
                 scores[key + "psnr"].append(r["psnr"])
                 scores[key + "ssim"].append(r["ssim"])
     return {k: float(np.mean(v)) for k, v in scores.items()}
@@ -182,9 +182,7 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
         history = json.loads(ck["history"])
         rng = np.random.default_rng(seed + step)  # a fresh, reproducible stream after resume
 
-    spec = _burst_spec(cfg)
-    train_sections = load_sections(cfg["data"]["sources"], split="train",
-                                   val_fraction=cfg["data"].get("val_fraction", 0.2))
+    sampler = make_sampler(cfg["task"], cfg["data"], "train")
     val = validation_set(cfg)
     loss_fn = make_loss(tcfg.get("loss", {"l1": 1.0, "ssim": 1.0}))
     batch = int(tcfg.get("batch", 8))
@@ -202,7 +200,7 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
         if max_minutes is not None and (time.perf_counter() - t_start) > 60 * max_minutes:
             break
         net.train()
-        b = make_burst_batch(train_sections, spec, rng, batch)
+        b = make_batch(sampler, rng, batch)
         x, y, m = (torch.from_numpy(b[k]) for k in ("x", "y", "mask"))
         pred = net(x)
         total, terms = loss_fn(pred, y, m)
@@ -233,7 +231,8 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
         card = {k: cfg[k] for k in ("id", "title", "task", "architecture", "kwargs", "input",
                                     "description") if k in cfg}
         card["training"] = {
-            "data": list(cfg["data"]["sources"]), "licence": cfg["data"].get("licence", ""),
+            "data": list(cfg["data"].get("sources", [cfg["data"].get("name", "")])),
+            "licence": cfg["data"].get("licence", ""),
             "command": f"microrestore train {cfg.get('_path', '<config>')}",
             "device": f"cpu ({torch.get_num_threads()} threads)" ,
             "steps": int(best["step"]), "best_val": best,

@@ -79,7 +79,8 @@ class ModelCard:
 
     @property
     def is_burst(self) -> bool:
-        return self.task == "burst-deblur"
+        """Takes a raw burst (registered by the engine): burst nets and the 3-frame baseline."""
+        return self.task in ("burst-deblur", "single-deblur")
 
     @property
     def frames(self) -> dict:
