@@ -81,6 +81,11 @@ def _load_net(card: ModelCard, device: str):
     net = _MODEL_CACHE.get(key)
     if net is None:
         net = load_model(card, device=device)
+        if device.startswith("cuda"):
+            import torch
+
+            torch.backends.cudnn.benchmark = True
+            net = net.to(memory_format=torch.channels_last)
         _MODEL_CACHE.clear()  # keep one model resident
         _MODEL_CACHE[key] = net
     return net
