@@ -301,7 +301,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                    f"(mean {u.val['mean_psnr']:.2f} / {u.val['mean_ssim']:.4f})" if u.val else "")
             print(f"step {u.step}/{u.steps} loss {u.loss:.4f} {u.seconds:.0f}s{val}", flush=True)
 
-    res = train(cfg, workdir, max_minutes=args.max_minutes, on_update=show, export_dir=export)
+    res = train(cfg, workdir, max_minutes=args.max_minutes, on_update=show, export_dir=export,
+                device=args.device)
     if res.card is not None:
         print(f"best step {res.best['step']} (val SSIM {res.best['ssim']:.4f}); "
               f"exported {res.card.id} -> {res.card.path}")
@@ -450,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--to-zoo", action="store_true", help="export into the package's zoo/")
     tr.add_argument("--log-every", type=int, default=10)
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: config)")
+    tr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("evaluate", help="score a model on held-out data (the model cards' metrics)",

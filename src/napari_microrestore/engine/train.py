@@ -149,8 +149,16 @@ def evaluate_net(net, samples: list[dict], device: str = "cpu") -> dict:
 
 def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None,
           on_update: Optional[Callable[[TrainUpdate], None]] = None,
-          cancel: Optional[CancelToken] = None, export_dir: Optional[Path] = None) -> TrainResult:
-    """Train (or resume) the network of ``cfg``; export the best checkpoint to ``export_dir``."""
+          cancel: Optional[CancelToken] = None, export_dir: Optional[Path] = None,
+          device: str = "cpu") -> TrainResult:
+    """Train (or resume) the network of ``cfg``; export the best checkpoint to ``export_dir``.
+
+    ``device``: "cpu", "cuda", "cuda:N" or "auto"; on CUDA the forward / loss run under bf16
+    autocast. Checkpoints are always stored on the CPU, so a run can resume on another device.
+    """
+    from .restore import resolve_device
+
+    device = resolve_device(device)
     import torch
 
     from ..models import build
@@ -162,7 +170,7 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
     workdir.mkdir(parents=True, exist_ok=True)
     seed = int(tcfg.get("seed", 0))
     torch.manual_seed(seed)
-    net = build(cfg["architecture"], cfg.get("kwargs", {}))
+    net = build(cfg["architecture"], cfg.get("kwargs", {})).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=float(tcfg.get("lr", 1e-3)),
                             weight_decay=float(tcfg.get("weight_decay", 1e-4)))
     steps = int(tcfg["steps"])
@@ -174,7 +182,7 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
     rng = np.random.default_rng(seed)
     last = workdir / "last.pt"
     if last.exists():
-        ck = torch.load(last, weights_only=True)
+        ck = torch.load(last, weights_only=True, map_location=device)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -191,7 +199,8 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
     t_start = time.perf_counter()
 
     def checkpoint(path: Path) -> None:
-        _atomic_torch_save({"model": net.state_dict(), "optimizer": opt.state_dict(),
+        cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        _atomic_torch_save({"model": cpu_state, "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "step": step,
                             "best": json.dumps(best), "history": json.dumps(history)}, path)
 
@@ -201,9 +210,12 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
             break
         net.train()
         b = make_batch(sampler, rng, batch)
-        x, y, m = (torch.from_numpy(b[k]) for k in ("x", "y", "mask"))
-        pred = net(x)
-        total, terms = loss_fn(pred, y, m)
+        x, y, m = (torch.from_numpy(b[k]).to(device, non_blocking=True)
+                   for k in ("x", "y", "mask"))
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                            enabled=device.startswith("cuda")):
+            pred = net(x)
+        total, terms = loss_fn(pred.float(), y, m)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -213,7 +225,7 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
         upd = TrainUpdate(step, steps, float(total.detach()), terms,
                           seconds=time.perf_counter() - t_start)
         if step % val_every == 0 or step == steps:
-            upd.val = evaluate_net(net, val)
+            upd.val = evaluate_net(net, val, device=device)
             history.append({"step": step, **upd.val, "loss": upd.loss})
             if upd.val["ssim"] > best["ssim"]:
                 best = {"step": step, **upd.val}
@@ -226,7 +238,8 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
 
     result = TrainResult(best=best, history=history, workdir=workdir)
     if export_dir is not None and (workdir / "best.pt").exists():
-        ck = torch.load(workdir / "best.pt", weights_only=True)
+        ck = torch.load(workdir / "best.pt", weights_only=True, map_location="cpu")
+        net = net.cpu()
         net.load_state_dict(ck["model"])
         card = {k: cfg[k] for k in ("id", "title", "task", "architecture", "kwargs", "input",
                                     "description") if k in cfg}
@@ -234,7 +247,8 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
             "data": list(cfg["data"].get("sources", [cfg["data"].get("name", "")])),
             "licence": cfg["data"].get("licence", ""),
             "command": f"microrestore train {cfg.get('_path', '<config>')}",
-            "device": f"cpu ({torch.get_num_threads()} threads)" ,
+            "device": (torch.cuda.get_device_name(device) if device.startswith("cuda")
+                       else f"cpu ({torch.get_num_threads()} threads)"),
             "steps": int(best["step"]), "best_val": best,
         }
         result.card = save_model(net, card, export_dir)

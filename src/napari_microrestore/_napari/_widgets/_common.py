@@ -1,0 +1,251 @@
+"""Pieces the widgets share: a layer picker, a Run / Cancel / progress panel, layer geometry.
+
+Nothing here computes: the panel hands :class:`~napari_microrestore._napari.scheduler.Task` s
+to the scheduler and shows what comes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Optional
+
+from napari.layers import Image, Layer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..scheduler import Job, Progress, Scheduler, Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+
+# the layer-list events after which a picker must list the layers again
+_LAYER_LIST_EVENTS = ("inserted", "removed", "moved", "reordered", "renamed")
+
+
+def is_plain_image(layer: Layer) -> bool:
+    """An Image layer the compute side takes as is: not RGB, not multiscale."""
+    return isinstance(layer, Image) and not layer.rgb and not layer.multiscale
+
+
+def connect_layer_list(viewer: napari.Viewer, callback: Callable[[Any], None]) -> None:
+    """Call ``callback(event)`` whenever layers are added, removed, moved or renamed."""
+    for name in _LAYER_LIST_EVENTS:
+        getattr(viewer.layers.events, name).connect(callback)
+
+
+class LayerComboBox(QComboBox):
+    """The viewer's layers that pass ``accept``, kept in sync with the layer list.
+
+    ``none_text`` adds a first entry meaning "no layer" (``layer()`` is then ``None``).
+    The chosen layer stays chosen across renames and other layers coming and going.
+    """
+
+    def __init__(self, viewer: napari.Viewer, *,
+                 accept: Callable[[Layer], bool] = is_plain_image,
+                 none_text: Optional[str] = None, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self._viewer = viewer
+        self._accept = accept
+        self._none_text = none_text
+        connect_layer_list(viewer, self.refresh)
+        self.refresh()
+
+    def layer(self) -> Optional[Layer]:
+        return self.currentData()
+
+    def set_layer(self, layer: Optional[Layer]) -> None:
+        """Choose ``layer`` (or the "no layer" entry for ``None``)."""
+        for i in range(self.count()):
+            if self.itemData(i) is layer:
+                self.setCurrentIndex(i)
+                return
+        raise ValueError(f"layer {getattr(layer, 'name', layer)!r} is not offered here")
+
+    def refresh(self, _event: Any = None) -> None:
+        current = self.layer()
+        self.blockSignals(True)
+        self.clear()
+        if self._none_text is not None:
+            self.addItem(self._none_text, None)
+        for layer in self._viewer.layers:
+            if self._accept(layer):
+                self.addItem(layer.name, layer)
+        index = next((i for i in range(self.count()) if self.itemData(i) is current), -1)
+        self.blockSignals(False)
+        # newly added layers are usually what the user wants next: default to the last one
+        self.setCurrentIndex(index if index >= 0 else self.count() - 1)
+        if index < 0:
+            self.currentIndexChanged.emit(self.currentIndex())
+
+
+class FrameSpinBox(QSpinBox):
+    """A frame index in ``[0, T - 1]``, or "middle" (``value() == -1``) for ``T // 2``."""
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.setMinimum(-1)
+        self.setSpecialValueText("middle")
+        self.setValue(-1)
+        self.setToolTip("Reference frame index; 'middle' is T // 2")
+
+    def reference(self) -> Optional[int]:
+        """The chosen frame, or ``None`` for the middle one (the engine's default)."""
+        return None if self.value() < 0 else self.value()
+
+    def set_frames(self, n_frames: int) -> None:
+        """Limit the choice to the frames of a stack of ``n_frames``."""
+        self.setMaximum(max(n_frames - 1, 0))
+
+
+class _Lifetime:
+    """Whether a panel's Qt widget still exists, and its job, which is cancelled when the
+    widget goes. It holds no reference to the widget, so connecting it to the widget's
+    ``destroyed`` signal keeps nothing alive."""
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.job: Optional[Job] = None
+
+    def end(self, *_: Any) -> None:
+        self.alive = False
+        if self.job is not None:
+            self.job.cancel(quiet=True)
+
+
+class JobPanel(QWidget):
+    """A Run button, a Cancel button, a progress bar and a status line for one widget.
+
+    :meth:`submit` runs a task through the scheduler; while it runs, Run (and the buttons of
+    :meth:`add_button`) are disabled and Cancel enabled, the bar follows the task's progress
+    reports and the status line shows their messages; at the end, the status line says how
+    it ended. When the panel is destroyed (its dock widget closed), its job is cancelled and
+    no callback touches the widgets any more.
+    """
+
+    def __init__(self, scheduler: Scheduler, run_text: str,
+                 parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.scheduler = scheduler
+        self._life = _Lifetime()
+        self.destroyed.connect(self._life.end)
+        self._buttons = QHBoxLayout()
+        self._runnable: dict[QPushButton, bool] = {}
+        self.run_button = self.add_button(run_text)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setTextVisible(False)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        row = QHBoxLayout()
+        row.addLayout(self._buttons)
+        row.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(row)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+
+    @property
+    def job(self) -> Optional[Job]:
+        """The last job submitted here."""
+        return self._life.job
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None and not self.job.done
+
+    def add_button(self, text: str) -> QPushButton:
+        """Another button that starts jobs, beside Run (disabled while a job runs)."""
+        button = QPushButton(text)
+        self._buttons.addWidget(button)
+        self._runnable[button] = True
+        return button
+
+    def set_runnable(self, runnable: bool, button: Optional[QPushButton] = None) -> None:
+        """Whether ``button`` (default: Run) may be clicked when no job runs, e.g. False
+        while the widget lacks an input layer."""
+        self._runnable[button or self.run_button] = runnable
+        self._sync_buttons()
+
+    def _sync_buttons(self) -> None:
+        for button, runnable in self._runnable.items():
+            button.setEnabled(runnable and not self.running)
+
+    def submit(self, task: Task, on_result: Callable[[Any], None], *,
+               group: Optional[str] = None) -> Job:
+        self.progress_bar.setValue(0)
+        self.status.setText(f"{task.name}...")
+        self.cancel_button.setEnabled(True)
+        self._life.job = self.scheduler.submit(
+            task, on_update=self.guard(self._on_update), on_result=self.guard(on_result),
+            on_done=self.guard(self._on_done), group=group)
+        self._sync_buttons()
+        return self._life.job
+
+    def guard(self, callback: Callable[..., None]) -> Callable[..., None]:
+        """``callback`` made to do nothing once this panel's widget is destroyed (for
+        scheduler callbacks that touch widgets)."""
+        life = self._life
+
+        def call(*args: Any) -> None:
+            if life.alive:
+                callback(*args)
+
+        return call
+
+    def cancel(self) -> None:
+        if self.running:
+            self.job.cancel()
+            self.cancel_button.setEnabled(False)
+            self.status.setText("cancelling...")
+
+    def _on_update(self, update: Progress) -> None:
+        self.progress_bar.setValue(round(1000 * update.fraction))
+        if update.message:
+            self.status.setText(update.message)
+
+    def _on_done(self, job: Job) -> None:
+        if job is not self.job:
+            return
+        self.cancel_button.setEnabled(False)
+        self._sync_buttons()
+        if job.state == "done":
+            self.progress_bar.setValue(1000)
+            self.status.setText(f"done in {job.seconds:.1f} s")
+        else:
+            self.progress_bar.setValue(0)
+            self.status.setText(job.state)
+
+
+def spatial_kwargs(layer: Layer, ndim: int, zoom: int = 1) -> dict[str, Any]:
+    """``scale``, ``translate``, ``units`` and ``axis_labels`` for a new layer whose ``ndim``
+    axes are the last ``ndim`` axes of ``layer``, with ``zoom`` times more pixels in Y and X
+    (pixel size divided by ``zoom``; the grid shifted so the new pixels tile the old ones).
+    """
+    scale = [float(s) for s in layer.scale[-ndim:]]
+    translate = [float(t) for t in layer.translate[-ndim:]]
+    for ax in (-2, -1):
+        # input pixel centres sit on integers; its first output pixel's centre is at
+        # -1/2 + 1/(2 zoom) input pixels
+        translate[ax] += (-0.5 + 0.5 / zoom) * scale[ax]
+        scale[ax] /= zoom
+    return {"scale": scale, "translate": translate, "units": tuple(layer.units[-ndim:]),
+            "axis_labels": tuple(layer.axis_labels[-ndim:])}
+
+
+def source_info(layer: Layer) -> dict[str, Any]:
+    """JSON-safe description of an input layer for the provenance of what is made from it."""
+    return {"layer": layer.name, "shape": [int(n) for n in layer.data.shape],
+            "dtype": str(layer.data.dtype),
+            "source_path": layer.metadata.get("source_path")}
