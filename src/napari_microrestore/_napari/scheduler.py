@@ -182,6 +182,7 @@ def _run(task: Task, cancel: CancelToken) -> Generator[Progress, None, Outcome]:
 
     def compute() -> None:
         try:
+            cancel.raise_if_cancelled()  # cancelled while it waited for a pool thread
             outcome.append(Result(task(progress, cancel)))
         except Exception as exc:  # every failure is handed to the GUI thread
             outcome.append(Failure(exc))

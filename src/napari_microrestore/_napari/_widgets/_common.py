@@ -126,8 +126,8 @@ class JobPanel(QWidget):
     :meth:`submit` runs a task through the scheduler; while it runs, Run (and the buttons of
     :meth:`add_button`) are disabled and Cancel enabled, the bar follows the task's progress
     reports and the status line shows their messages; at the end, the status line says how
-    it ended. When the panel is destroyed (its dock widget closed), its job is cancelled and
-    no callback touches the widgets any more.
+    it ended. When the panel is destroyed (its dock widget deleted, the viewer closed), its job
+    is cancelled and no callback touches the widgets any more.
     """
 
     def __init__(self, scheduler: Scheduler, run_text: str,
