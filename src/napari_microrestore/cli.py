@@ -343,6 +343,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                         "protocol": res["protocol"], "values": v}
         if "per_level" in res:
             d["metrics"]["per_level"] = res["per_level"]
+        # plain floats for YAML (numpy scalars do not serialise)
+        d["metrics"] = json.loads(json.dumps(d["metrics"], default=float))
         from .core.io import write_bytes
 
         write_bytes(card.path, yaml.safe_dump(d, sort_keys=False).encode("utf-8"))

@@ -31,3 +31,33 @@ def test_burst_model_beats_registered_mean_on_real_sections(model_id, shared_dat
         gains.append(out["psnr"] - base["psnr"])
         assert out["ssim"] > base["ssim"]
     assert np.mean(gains) > 1.0, gains
+
+
+@pytest.mark.data
+def test_sstem_model_restores_missing_and_damaged_sections(shared_data):
+    if "sstem-restore" not in [c.id for c in list_cards()]:
+        pytest.skip("no shipped sstem model")
+    from napari_microrestore.core import io
+
+    st = np.asarray(io.read(shared_data / "sstem/isbi2012_train_volume.tif").data[-6:],
+                    np.float32)[:, :256, :256]
+    rng = np.random.default_rng(3)
+    gains_missing, gains_fold = [], []
+    for s in (1, 3):
+        trio = st[s - 1:s + 2].copy()
+        truth = trio[1].copy()
+        trio[1] = 0
+        out = restore(trio, "sstem-restore", device="cpu", sections=[1]).image
+        np.testing.assert_array_equal(out[0], st[s - 1])  # neighbours are left alone
+        avg = 0.5 * (st[s - 1] + st[s + 1])
+        gains_missing.append(metrics.psnr(out[1], truth, border=24)
+                             - metrics.psnr(avg, truth, border=24))
+        damaged, mask = degrade.fold(truth, rng=rng)
+        trio[1] = damaged
+        masks = np.zeros(trio.shape, bool)
+        masks[1] = mask
+        out = restore(trio, "sstem-restore", device="cpu", masks=masks).image
+        gains_fold.append(metrics.psnr(out[1], truth, border=24)
+                          - metrics.psnr(damaged, truth, border=24))
+    assert np.mean(gains_missing) > 0.0, gains_missing
+    assert np.mean(gains_fold) > 0.0, gains_fold
