@@ -9,6 +9,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Real data lives beside the checkout and may not be copied into the repository.
 SHARED_DATA = Path(os.environ.get("MICRORESTORE_SHARED_DATA", REPO.parent / "shared" / "data"))
+# the engine's data loaders read the same folder, wherever the package is installed
+os.environ.setdefault("MICRORESTORE_SHARED_DATA", str(SHARED_DATA))
 
 
 @pytest.fixture

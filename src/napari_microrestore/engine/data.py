@@ -22,11 +22,18 @@ from ..core.errors import InputError
 
 
 def shared_data_dir() -> Path:
-    """``$MICRORESTORE_SHARED_DATA`` or ``../shared/data`` beside the repository checkout."""
+    """The project's training data: ``$MICRORESTORE_SHARED_DATA``, else the first existing of
+    ``./shared/data``, ``../shared/data`` (beside a checkout, run from its root) and the folder
+    beside this source tree's checkout."""
     env = os.environ.get("MICRORESTORE_SHARED_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    candidates = [Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data",
+                  Path(__file__).resolve().parents[3].parent / "shared" / "data"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return candidates[1]
 
 
 def load_sections(sources: Sequence[str], *, split: str, val_fraction: float = 0.2,
