@@ -1,7 +1,8 @@
 """Make the README figure from generated data only (no file from ../shared/data).
 
 A synthetic probe is pushed through a simulated TEM stream burst (core/degrade), registered
-(core/registration) and averaged; the panels show one raw frame, the registered mean and the
+(core/registration) and averaged, and restored by the shipped `tem-burst` model
+(engine.restore); the panels show one raw frame, the registered mean, the restoration and the
 ground truth, with PSNR / SSIM after a gain + offset fit (core/metrics).
 
     python docs/make_figures.py            # writes docs/images/probe_burst.png
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from napari_microrestore.core import degrade, metrics, probes, registration
+from napari_microrestore.engine.restore import restore
 
 OUT = Path(__file__).resolve().parent / "images"
 
@@ -31,10 +33,11 @@ def main() -> int:
                                    origin=(64, 64), rng=rng)
     reg = registration.register_burst(burst.frames)
     mean = reg.aligned.mean(0)
+    restored = restore(burst.frames, "tem-burst", device="cpu").image
     gt = burst.ground_truth
     border = 24
     panels = [("one raw frame", burst.frames[burst.reference]),
-              ("registered mean of 5", mean), ("ground truth", gt)]
+              ("registered mean of 5", mean), ("tem-burst", restored), ("ground truth", gt)]
     tiles = []
     for title, img in panels:
         gain, offset = metrics.fit_gain_offset(img, gt, border=border)
