@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
+from napari.utils.notifications import NotificationSeverity  # noqa: E402
 from qtpy.QtCore import QTimer  # noqa: E402
 
 from napari_microrestore._napari.scheduler import (  # noqa: E402
@@ -24,19 +24,6 @@ from napari_microrestore._napari.scheduler import (  # noqa: E402
 from napari_microrestore.core.errors import InputError, check_cancel, report  # noqa: E402
 
 pytestmark = pytest.mark.gui
-
-
-@pytest.fixture
-def notes():
-    """Notifications dispatched during the test, as (severity, message)."""
-    got: list[tuple[NotificationSeverity, str]] = []
-
-    def record(event):
-        got.append((event.severity, str(event.message)))
-
-    notification_manager.notification_ready.connect(record)
-    yield got
-    notification_manager.notification_ready.disconnect(record)
 
 
 class Calls:

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("napari")
 
 from napari.layers import Labels  # noqa: E402
-from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
+from napari.utils.notifications import NotificationSeverity  # noqa: E402
 from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_microrestore._napari._widgets import (  # noqa: E402
@@ -39,19 +39,6 @@ def burst():
     rng = np.random.default_rng(7)
     scene = probes.make_probe("spots-lines", (200, 200), rng=rng) * 100 + 10
     return degrade.simulate_burst(scene, 5, shape=(96, 96), blur_length=6, dose=40, rng=rng)
-
-
-@pytest.fixture
-def notes():
-    """Notifications dispatched during the test, as (severity, message)."""
-    got: list[tuple[NotificationSeverity, str]] = []
-
-    def record(event):
-        got.append((event.severity, str(event.message)))
-
-    notification_manager.notification_ready.connect(record)
-    yield got
-    notification_manager.notification_ready.disconnect(record)
 
 
 def add_burst(viewer, frames, name="burst"):
