@@ -261,6 +261,20 @@ def _camera(gain, read_noise, offset) -> tuple[float, float, float]:
             _finite(offset, "offset"))
 
 
+def _nonnegative_array(a, name: str) -> np.ndarray:
+    """float64 copy of a non-empty, finite, non-negative real array, or InputError."""
+    arr = np.asarray(a)
+    if arr.size == 0 or arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        raise InputError(f"{name} must be a non-empty real numeric array; got dtype "
+                         f"{arr.dtype}, shape {arr.shape}")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    if arr.min() < 0:
+        raise InputError(f"{name} must be non-negative (counts); got a minimum of {arr.min():g}")
+    return arr
+
+
 def poisson_gaussian_counts(counts, *, read_noise: float = 0.0, gain: float = 1.0,
                             offset: float = 0.0, rng: RngLike = None) -> np.ndarray:
     """Noisy camera image from an image of *expected* counts (any shape, non-negative).
@@ -269,15 +283,7 @@ def poisson_gaussian_counts(counts, *, read_noise: float = 0.0, gain: float = 1.
     mean ``gain * counts + offset`` and variance ``gain**2 * counts + read_noise**2``;
     ``read_noise`` and ``offset`` are in output units. float32.
     """
-    lam = np.asarray(counts)
-    if lam.size == 0 or lam.dtype == bool or not np.issubdtype(lam.dtype, np.number):
-        raise InputError(f"counts must be a non-empty real numeric array; got dtype "
-                         f"{lam.dtype}, shape {lam.shape}")
-    lam = lam.astype(np.float64)
-    if not np.isfinite(lam).all():
-        raise InputError("counts contains NaN or infinite values")
-    if lam.min() < 0:
-        raise InputError(f"expected counts must be non-negative; got a minimum of {lam.min():g}")
+    lam = _nonnegative_array(counts, "counts")
     gain, read_noise, offset = _camera(gain, read_noise, offset)
     gen = as_rng(rng)
     out = gain * gen.poisson(lam) + offset
@@ -297,16 +303,7 @@ def poisson_gaussian_noise(image, dose: float, *, read_noise: float = 0.0, gain:
     ``gain * dose + offset`` and, at a pixel of expected count ``c``, variance
     ``gain**2 * c + read_noise**2``. Low doses (a few counts per pixel) are typical of TEM.
     """
-    arr = np.asarray(image)
-    if arr.size == 0 or arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
-        raise InputError(f"image must be a non-empty real numeric array; got dtype {arr.dtype},"
-                         f" shape {arr.shape}")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        raise InputError("image contains NaN or infinite values")
-    if arr.min() < 0:
-        raise InputError(f"image must be non-negative to be scaled to counts; got a minimum of "
-                         f"{arr.min():g}")
+    arr = _nonnegative_array(image, "image")
     dose = _checked(dose, "dose", low=0.0, low_open=True)
     mean = float(arr.mean())
     if mean <= 0:

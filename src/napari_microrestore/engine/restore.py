@@ -326,7 +326,7 @@ def _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov, mask
     if not todo:
         return RestoreResult(out, prov)
     net = _load_net(card, dev)
-    lost = missing | {s for s in todo if s in missing}
+    lost = missing
     prov["missing"] = sorted(lost & set(todo))
     prov["mask_source"] = {}
     for k, s in enumerate(todo):
