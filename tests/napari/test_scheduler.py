@@ -240,3 +240,24 @@ def test_available_devices_lists_what_exists():
     assert ("cuda:0" in devices) == torch.cuda.is_available()
     assert len([d for d in devices if d.startswith("cuda:")]) == (
         torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def _sends_typed_updates(n: int, on_update=None, progress=None) -> int:
+    for i in range(n):
+        on_update({"step": i})
+        progress((i + 1) / n, f"step {i}")
+    return n
+
+
+def test_typed_updates_reach_on_update_in_order(qtbot):
+    from napari_microrestore._napari.scheduler import Progress, Scheduler, Task
+
+    sched = Scheduler()
+    seen, results = [], []
+    job = sched.submit(Task("typed", _sends_typed_updates, {"n": 3}), on_update=seen.append,
+                       on_result=results.append)
+    qtbot.waitUntil(lambda: job.done, timeout=10000)
+    assert results == [3]
+    assert [type(u).__name__ for u in seen] == ["dict", "Progress"] * 3
+    assert [u["step"] for u in seen if isinstance(u, dict)] == [0, 1, 2]
+    assert seen[-1] == Progress(1.0, "step 2")

@@ -4,7 +4,9 @@ Widgets describe what to run as a :class:`Task` (a callable of ``core`` / ``engi
 keyword arguments) and hand it to :meth:`Scheduler.submit`; the scheduler runs it off the GUI
 thread and calls the widget back *on the GUI thread* with typed updates:
 
-* ``on_update(Progress(fraction, message))`` while it runs, in the order they were reported;
+* ``on_update(Progress(fraction, message))`` while it runs, in the order they were reported,
+  and any other typed update (a training step's loss, a preview image, one restored frame of
+  a stream) that the callable passed to its ``on_update`` callback, as the same object;
 * ``on_result(value)`` once, with what the callable returned (never after a cancel);
 * ``on_error(exception)`` once if it failed (after the scheduler notified the user);
 * ``on_done(job)`` always, last, whatever the outcome (to reset buttons and progress bars).
@@ -93,16 +95,20 @@ class Task:
     """A request: call ``func(**kwargs)`` off the GUI thread.
 
     ``func`` is a function of ``core`` or ``engine`` (or any callable without Qt). If its
-    signature has ``progress`` and / or ``cancel`` parameters, the scheduler passes its own
-    progress callback and the job's cancel token for them, so the same call can be replayed
-    headless with the same ``kwargs``. ``name`` is what notifications and the log call it.
+    signature has ``progress``, ``on_update`` and / or ``cancel`` parameters, the scheduler
+    passes its own progress callback (``progress(fraction, message)``), its typed-update
+    callback (``on_update(obj)``: ``obj`` reaches the widget's ``on_update`` as is, on the GUI
+    thread, in order with the progress reports) and the job's cancel token for them, so the
+    same call can be replayed headless with the same ``kwargs``. ``name`` is what
+    notifications and the log call it.
     """
 
     name: str
     func: Callable[..., Any]
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
-    def __call__(self, progress: Callable[[float, str], None], cancel: CancelToken) -> Any:
+    def __call__(self, progress: Callable[[float, str], None], cancel: CancelToken,
+                 on_update: Optional[Callable[[Any], None]] = None) -> Any:
         """Run the task in the calling thread (the scheduler calls it in a worker thread)."""
         try:
             params = inspect.signature(self.func).parameters
@@ -113,6 +119,8 @@ class Task:
             extra["progress"] = progress
         if "cancel" in params:
             extra["cancel"] = cancel
+        if "on_update" in params and on_update is not None:
+            extra["on_update"] = on_update
         return self.func(**self.kwargs, **extra)
 
     def describe(self) -> str:
@@ -171,9 +179,10 @@ class Job:
 _END = object()  # the compute thread's last item on the update queue
 
 
-def _run(task: Task, cancel: CancelToken) -> Generator[Progress, None, Outcome]:
-    """The worker's generator: run ``task`` in a helper thread, yield its progress reports
-    (in order) as they arrive, and return its outcome. Never raises (see the module notes)."""
+def _run(task: Task, cancel: CancelToken) -> Generator[Any, None, Outcome]:
+    """The worker's generator: run ``task`` in a helper thread, yield its progress reports and
+    typed updates (in order) as they arrive, and return its outcome. Never raises (see the
+    module notes)."""
     updates: queue.Queue = queue.Queue()
     outcome: list[Outcome] = []
 
@@ -183,7 +192,7 @@ def _run(task: Task, cancel: CancelToken) -> Generator[Progress, None, Outcome]:
     def compute() -> None:
         try:
             cancel.raise_if_cancelled()  # cancelled while it waited for a pool thread
-            outcome.append(Result(task(progress, cancel)))
+            outcome.append(Result(task(progress, cancel, updates.put)))
         except Exception as exc:  # every failure is handed to the GUI thread
             outcome.append(Failure(exc))
         finally:
@@ -214,7 +223,7 @@ class Scheduler:
         return list(self._running)
 
     def submit(self, task: Task,
-               on_update: Optional[Callable[[Progress], None]] = None,
+               on_update: Optional[Callable[[Any], None]] = None,
                on_result: Optional[Callable[[Any], None]] = None,
                on_error: Optional[Callable[[BaseException], None]] = None, *,
                on_done: Optional[Callable[[Job], None]] = None,
@@ -253,8 +262,8 @@ class Scheduler:
 
     # ---- GUI-thread side -----------------------------------------------------------------
     @staticmethod
-    def _on_yielded(job: Job, on_update: Optional[Callable[[Progress], None]],
-                    update: Progress) -> None:
+    def _on_yielded(job: Job, on_update: Optional[Callable[[Any], None]],
+                    update: Any) -> None:
         if on_update is not None and not job.token.cancelled:
             on_update(update)
 

@@ -7,6 +7,7 @@ to the scheduler and shows what comes back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Optional
 
 from napari.layers import Image, Layer
@@ -183,12 +184,15 @@ class JobPanel(QWidget):
             button.setEnabled(runnable and not self.running)
 
     def submit(self, task: Task, on_result: Callable[[Any], None], *,
-               group: Optional[str] = None) -> Job:
+               group: Optional[str] = None,
+               on_update: Optional[Callable[[Any], None]] = None) -> Job:
+        """Run ``task``; ``on_result(value)`` gets what it returned, ``on_update(obj)`` every
+        typed update it sent that is not a :class:`Progress` (those drive the bar)."""
         self.progress_bar.setValue(0)
         self.status.setText(f"{task.name}...")
         self.cancel_button.setEnabled(True)
         self._life.job = self.scheduler.submit(
-            task, on_update=self.guard(self._on_update), on_result=self.guard(on_result),
+            task, on_update=self.guard(partial(self._on_update, on_update)), on_result=self.guard(on_result),
             on_done=self.guard(self._on_done), group=group)
         self._sync_buttons()
         return self._life.job
@@ -210,7 +214,11 @@ class JobPanel(QWidget):
             self.cancel_button.setEnabled(False)
             self.status.setText("cancelling...")
 
-    def _on_update(self, update: Progress) -> None:
+    def _on_update(self, typed: Optional[Callable[[Any], None]], update: Any) -> None:
+        if not isinstance(update, Progress):
+            if typed is not None:
+                typed(update)
+            return
         self.progress_bar.setValue(round(1000 * update.fraction))
         if update.message:
             self.status.setText(update.message)
