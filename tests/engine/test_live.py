@@ -1,0 +1,121 @@
+"""engine.live: the live pipeline equals engine.restore per window (CPU), fills its window
+before answering, keeps results on the device when asked, and rejects bad input; the
+device-side tiled burst restoration equals engine.restore's tiling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_microrestore.core import degrade, probes
+from napari_microrestore.core.errors import Cancelled, CancelToken, InputError
+from napari_microrestore.engine.live import LiveFrame, LivePipeline, restore_burst_device
+from napari_microrestore.engine.restore import restore
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def stream() -> np.ndarray:
+    """(7, 96, 96) simulated TEM stream: a moving stage, motion blur and Poisson noise."""
+    rng = np.random.default_rng(7)
+    scene = probes.make_probe("spots-lines", (240, 240), rng=rng) * 100 + 10
+    burst = degrade.simulate_burst(scene, 7, shape=(96, 96), blur_length=4, dose=40,
+                                   step=2.0, rng=rng)
+    return burst.frames.astype(np.float32)
+
+
+def test_each_window_equals_engine_restore(stream):
+    live = LivePipeline("tem-burst-fast", device="cpu", window=5)
+    out = list(live.run(stream))
+    assert [f.index for f in out] == [2, 3, 4]
+    for f in out:
+        want = restore(stream[f.index - 2:f.index + 3], "tem-burst-fast", device="cpu").image
+        assert f.image.dtype == np.float32 and f.image.shape == want.shape
+        diff = f.image - want
+        # the registrations differ by the backend (< 0.05 px) and the stream's fixed sigma
+        assert np.sqrt((diff ** 2).mean()) < 0.01 * want.std()
+        assert np.abs(diff).max() < 0.1 * want.std()
+        assert f.converged.all() and f.ecc[2] == 1.0
+        np.testing.assert_array_equal(f.shifts[2], [0.0, 0.0])
+        assert f.seconds > 0
+
+
+@pytest.mark.parametrize("window", [2, 4])
+def test_window_fill_and_centre_index(stream, window):
+    live = LivePipeline("tem-burst-fast", device="cpu", window=window, sigma=1.2)
+    results = [live.push(frame) for frame in stream[:window + 1]]
+    assert results[:window - 1] == [None] * (window - 1)
+    first, second = results[window - 1], results[window]
+    assert isinstance(first, LiveFrame)
+    # the centre (reference) frame of frames 0..window-1 is window // 2
+    assert first.index == window // 2 and second.index == window // 2 + 1
+    assert first.shifts.shape == (window, 2)
+    np.testing.assert_array_equal(first.shifts[window // 2], [0.0, 0.0])
+    # the ring buffer wrapped: the second window equals a fresh pipeline on frames 1..window
+    fresh = LivePipeline("tem-burst-fast", device="cpu", window=window, sigma=1.2)
+    again = [fresh.push(frame) for frame in stream[1:window + 1]][-1]
+    np.testing.assert_allclose(second.image, again.image, atol=1e-3 * stream.std())
+    np.testing.assert_allclose(second.shifts, again.shifts, atol=1e-6)
+
+
+def test_keep_on_device_returns_tensors(stream):
+    kept = LivePipeline("tem-burst-fast", device="cpu", window=3, sigma=1.2,
+                        keep_on_device=True)
+    host = LivePipeline("tem-burst-fast", device="cpu", window=3, sigma=1.2)
+    a = [f for f in kept.run(stream[:4])]
+    b = [f for f in host.run(stream[:4])]
+    assert len(a) == len(b) == 2
+    assert isinstance(a[0].image, torch.Tensor) and a[0].image.device.type == "cpu"
+    # results are copies, not views of buffers that the next window overwrites
+    np.testing.assert_array_equal(a[0].image.numpy(), b[0].image)
+    np.testing.assert_array_equal(a[1].image.numpy(), b[1].image)
+
+
+def test_run_can_be_cancelled(stream):
+    token = CancelToken()
+    live = LivePipeline("tem-burst-fast", device="cpu", window=3, sigma=1.2)
+    gen = live.run(stream)
+    next(gen)
+    token.cancel()
+    with pytest.raises(Cancelled):
+        list(live.run(stream, cancel=token))
+
+
+def test_bad_input(stream):
+    with pytest.raises(InputError, match="burst network"):
+        LivePipeline("tem-single", device="cpu")
+    with pytest.raises(InputError, match="window"):
+        LivePipeline("tem-burst-fast", device="cpu", window=12)
+    with pytest.raises(InputError, match="amp"):
+        LivePipeline("tem-burst-fast", device="cpu", amp="fp8")
+    live = LivePipeline("tem-burst-fast", device="cpu", window=3)
+    with pytest.raises(InputError, match="2-D"):
+        live.push(stream[:2])
+    live.push(stream[0])
+    with pytest.raises(InputError, match="shape"):
+        live.push(stream[1, :64])
+    bad = stream[1].copy()
+    bad[3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        live.push(bad)
+
+
+def test_device_tiled_burst_equals_engine_restore(stream):
+    rng = np.random.default_rng(3)
+    scene = probes.make_probe("spots-lines", (260, 260), rng=rng) * 100 + 10
+    burst = degrade.simulate_burst(scene, 5, shape=(152, 152), blur_length=4, dose=40,
+                                   step=2.0, rng=rng).frames
+    got = restore_burst_device(burst, "tem-burst-fast", device="cpu", tile=144, batch=3)
+    want = restore(burst, "tem-burst-fast", device="cpu", tile=144).image
+    assert got.shape == want.shape
+    diff = got.numpy() - want
+    assert np.sqrt((diff ** 2).mean()) < 0.01 * want.std()
+    assert np.abs(diff).max() < 0.1 * want.std()
