@@ -765,3 +765,184 @@ def degrade_probe(probe, estimate: Optional[DegradationEstimate] = None, *, n_fr
                         ).astype(np.float32)
         burst.params.update(noise=True, noise_model="gaussian", read_noise=gaussian_sigma)
     return burst
+
+
+# --------------------------------------------------------------------------------------------
+# invented structure
+# --------------------------------------------------------------------------------------------
+@dataclass
+class InventedStructure:
+    """What a restoration added that the truth does not have (see :func:`invented_structure`).
+
+    All values are unit-free (invariant to the images' gain and offset).
+
+    Attributes
+    ----------
+    score
+        Headline: RMS of the *coherent* residual at frequencies the restoration has and the
+        truth lacks, relative to the RMS contrast of the truth (``sqrt(invented power /
+        truth power)``). 0 for a perfect, a blurred or a merely noisy restoration; 0.05
+        means invented periodic structure (lines, grids, ringing) with 5 % of the truth's
+        contrast.
+    spectral_power
+        ``score**2``: that power as a fraction of the truth's (mean-free) power.
+    n_peaks
+        Number of frequency bins counted as invented.
+    peaks
+        The strongest invented components, strongest first (at most 5): ``period`` (px),
+        ``angle`` (degrees, direction of the intensity variation, from +x towards +y) and
+        ``amplitude`` (RMS relative to the truth's, as ``score``).
+    flat_rms
+        RMS residual over the truth's flat regions relative to the truth's RMS contrast
+        (noise and invented structure alike).
+    structure_rms
+        The same over the rest (edges, lines, spots), for comparison.
+    flat_fraction
+        Fraction of the measured pixels that count as flat.
+    """
+
+    score: float
+    spectral_power: float
+    n_peaks: int
+    peaks: list
+    flat_rms: float
+    structure_rms: float
+    flat_fraction: float
+
+    def to_dict(self) -> dict:
+        """Plain JSON-safe dict."""
+        return asdict(self)
+
+
+def _spectrum(img: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Fourier coefficients of the mean-free, windowed image (``fftshift``-ed, DC in the
+    centre), scaled so that ``|F|**2`` is a periodogram (power per bin)."""
+    w = (img - img.mean()) * window
+    return np.fft.fftshift(np.fft.fft2(w)) / math.sqrt(float((window ** 2).sum()))
+
+
+def invented_structure(restored, truth, *, mask=None, fit: bool = True,
+                       peak_factor: float = 20.0, excess_factor: float = 4.0,
+                       flat_threshold: float = 0.05, margin: int = 3
+                       ) -> InventedStructure:
+    """Measure the structure a restoration invented, against a known ground truth.
+
+    The residual is ``r = restored - truth`` (after the least-squares gain + offset fit of
+    :func:`~napari_microrestore.core.metrics.fit_gain_offset` when ``fit``, since a
+    restoration cannot know the intensity calibration).
+
+    **Spectral readout (the score).** Fourier coefficients (Hann window, mean removed) of
+    ``r`` and the truth, and periodograms. A frequency bin holds *invented structure* when
+
+    * the residual is coherent there: its power exceeds ``peak_factor`` times the local median
+      of the residual spectrum (a 7 x 7 bin neighbourhood). Noise, white or coloured by the
+      restoration, has an exponential periodogram, which exceeds 20 times its median in
+      only 2**-20 of the bins; a line, a grid or ringing puts its power into a few bins;
+    * the residual is *added* structure, not an error of the truth's own component at that
+      frequency. Either the truth has (next to) nothing there (the residual's power exceeds
+      ``excess_factor`` = 4 times the truth's largest power in the 3 x 3 bins around it), or
+      the residual is neither in phase nor in anti-phase with the truth's component
+      (``|cos phi| < 0.9``, ``phi`` the angle between the two Fourier coefficients) and the
+      restoration has more power there than the truth by at least half the residual's
+      (``P_restored > P_truth + P_residual / 2``). A truth component that the restoration
+      lost or damped (anti-phase), amplified (in phase, e.g. after the gain fit of a blurred
+      image) or shifted (no power gained) does not count: blur is not invention.
+
+    Coherent structure added at a frequency where the truth is strong is caught only in
+    part (its phase against the truth's is random); probes with sparse spectra
+    (``lines-1d``, ``lines-2d``, ``siemens-star``) leave most of the spectrum free.
+
+    The DC bin and its 5 x 5 neighbourhood are left out (residual illumination, the window's
+    leakage). The score is ``sqrt(sum over those bins of (residual power - local median) /
+    truth power)``: an RMS ratio, unit-free. A faint grid therefore scores far higher than
+    white noise of the same energy, which spreads evenly over all bins.
+
+    **Spatial readout.** The truth is *flat* where its gradient magnitude (after a 1 px
+    Gaussian) is below ``flat_threshold`` of its largest gradient, more than ``margin`` px from
+    any structure; ``flat_rms`` / ``structure_rms`` are the residual RMS there / elsewhere,
+    relative to the truth's RMS contrast. It shows where the residual lives but does not tell
+    noise from structure; the spectral score does.
+
+    Parameters
+    ----------
+    restored, truth
+        2-D images of the same shape (at least 32 x 32).
+    mask
+        Optional bool image: only these pixels count. The spectra are taken over the mask's
+        bounding box, with the residual set to 0 outside the mask (as for pixels no frame
+        covered).
+    """
+    from .metrics import fit_gain_offset
+
+    res_img = as_float_image(restored, "restored", min_size=_MIN_SIDE).astype(np.float64)
+    tru = as_float_image(truth, "truth", min_size=_MIN_SIDE).astype(np.float64)
+    if res_img.shape != tru.shape:
+        raise InputError(f"restored and truth must have the same shape; got {res_img.shape} "
+                         f"and {tru.shape}")
+    region = np.ones(tru.shape, bool) if mask is None else np.asarray(mask, bool)
+    if region.shape != tru.shape:
+        raise InputError(f"mask must have the images' shape {tru.shape}; got {region.shape}")
+    if region.sum() < 64:
+        raise InputError("the mask leaves fewer than 64 pixels to measure")
+    if not (peak_factor > 1 and excess_factor >= 1 and 0 < flat_threshold < 1 and margin >= 0):
+        raise InputError("peak_factor must be > 1, excess_factor >= 1, flat_threshold in "
+                         "(0, 1) and margin >= 0")
+    contrast = float(tru[region].std())
+    if contrast == 0:
+        raise InputError("the truth is constant over the measured region, so there is no "
+                         "contrast to relate the residual to")
+    if fit:
+        gain, offset = fit_gain_offset(res_img, tru, mask=region)
+        res_img = gain * res_img + offset
+    resid = np.where(region, res_img - tru, 0.0)
+
+    # spectral: coherent residual power where the truth has none, over the mask's bounding box
+    rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    r_box, t_box = resid[box], tru[box]
+    ny, nx = t_box.shape
+    if min(ny, nx) < 16:
+        raise InputError(f"the mask's bounding box ({ny} x {nx} px) is too small for a spectrum; "
+                         f"it needs at least 16 x 16 px")
+    window = np.outer(np.hanning(ny), np.hanning(nx))
+    f_res, f_tru = _spectrum(r_box, window), _spectrum(t_box, window)
+    p_res, p_tru = np.abs(f_res) ** 2, np.abs(f_tru) ** 2
+    p_img = np.abs(f_tru + f_res) ** 2
+    cos_phi = (f_tru.conj() * f_res).real / np.maximum(np.sqrt(p_tru * p_res), 1e-300)
+    background = ndimage.median_filter(p_res, size=7, mode="wrap")
+    truth_free = p_res > excess_factor * ndimage.maximum_filter(p_tru, size=3, mode="wrap")
+    added = (np.abs(cos_phi) < 0.9) & (p_img > p_tru + 0.5 * p_res)
+    cy, cx = ny // 2, nx // 2
+    dc = np.zeros(p_res.shape, bool)
+    dc[max(cy - 2, 0):cy + 3, max(cx - 2, 0):cx + 3] = True
+    invented = (p_res > peak_factor * background) & (truth_free | added) & ~dc
+    excess = np.where(invented, p_res - background, 0.0)
+    total = float(p_tru.sum())
+    power = float(excess.sum()) / max(total, 1e-300)
+    # strongest peaks (one per conjugate pair: keep the upper half-plane)
+    fy = (np.arange(ny) - cy) / ny
+    fx = (np.arange(nx) - cx) / nx
+    peaks = []
+    upper = invented & ((fy[:, None] > 0) | ((fy[:, None] == 0) & (fx[None, :] > 0)))
+    for i in np.argsort(excess[upper])[::-1][:5]:
+        iy, ix = np.argwhere(upper)[i]
+        f = math.hypot(fy[iy], fx[ix])
+        peaks.append({"period": 1.0 / f, "angle": math.degrees(math.atan2(fy[iy], fx[ix])),
+                      "amplitude": math.sqrt(2.0 * excess[iy, ix] / max(total, 1e-300))})
+
+    # spatial: residual over the truth's flat regions and elsewhere
+    smooth = ndimage.gaussian_filter(tru, 1.0)
+    grad = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1)) / 8.0
+    structure = grad > flat_threshold * max(float(grad.max()), 1e-300)
+    if margin:
+        structure = ndimage.binary_dilation(structure, iterations=int(margin))
+    flat = ~structure & region
+    busy = structure & region
+
+    def rms(sel: np.ndarray) -> float:
+        return math.sqrt(float(np.mean(resid[sel] ** 2))) / contrast if sel.any() else 0.0
+
+    return InventedStructure(score=math.sqrt(power), spectral_power=power,
+                             n_peaks=int(invented.sum()), peaks=peaks, flat_rms=rms(flat),
+                             structure_rms=rms(busy),
+                             flat_fraction=float(flat.sum() / region.sum()))
