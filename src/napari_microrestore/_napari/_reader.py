@@ -8,6 +8,8 @@ imported when a file is read, so napari starts fast.
 Accepted paths
 --------------
 - one file with a suffix of :data:`~napari_microrestore.core.io.SUPPORTED_SUFFIXES`;
+- an OME-Zarr folder (e.g. a ``microrestore batch`` output), opened lazily; other Zarr
+  stores are declined so that napari can try other readers;
 - a folder that directly contains TIFF files: read as one T stream in natural order;
 - a list of paths: a list of TIFF files is read as one T stream in natural order (what
   ``viewer.open(paths, stack=True)`` asks for); a one-element list as that path; any other
@@ -26,6 +28,8 @@ from ..core.io import (
     TIFF_SUFFIXES,
     ImageData,
     find_tiff_frames,
+    is_ome_zarr,
+    is_zarr,
     natural_key,
     read,
     read_frames,
@@ -50,6 +54,8 @@ def napari_get_reader(path: PathOrPaths) -> ReaderFunction | None:
             return read_layers
         return None
     p = Path(path)  # type: ignore[arg-type]
+    if is_zarr(p):
+        return read_layers if is_ome_zarr(p) else None
     if p.is_dir():
         try:
             return read_layers if find_tiff_frames(p) else None
@@ -100,6 +106,7 @@ def layer_data(image: ImageData) -> LayerData:
 
 
 def _layer_name(path: Path) -> str:
-    """File name without suffix (and without ``.ome`` for OME-TIFF), or the folder name."""
-    name = path.name if path.is_dir() else path.stem
+    """File name without suffix (and without ``.ome`` for OME-TIFF), the folder name, or a
+    Zarr folder's name without ``.zarr``."""
+    name = path.name if path.is_dir() and not is_zarr(path) else path.stem
     return name[:-4] if name.lower().endswith(".ome") else name

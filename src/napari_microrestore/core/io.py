@@ -7,7 +7,9 @@ Formats
 - a folder (or a list) of single-frame TIFFs, read as one stream in natural order
   (``frame_2`` before ``frame_10``);
 - MRC / MRCS / ST / MAP through ``mrcfile``, memory-mapped;
-- DM3 / DM4, SER / EMI and Velox EMD through RosettaSciIO, the optional ``[em]`` extra.
+- DM3 / DM4, SER / EMI and Velox EMD through RosettaSciIO, the optional ``[em]`` extra;
+- OME-Zarr (a ``*.zarr`` folder, NGFF 0.4 or 0.5; the first resolution level) and plain Zarr
+  arrays, lazily as zarr arrays, through the optional ``[batch]`` extra (zarr).
 
 Conventions
 -----------
@@ -27,7 +29,8 @@ digits (float32 calibrations: 4.6 Angstrom reads as 0.46 nm, not 0.4599999904632
 
 Lazy reading: uncompressed contiguous TIFFs and MRC files are ``numpy.memmap`` views
 (read-only); compressed multi-page TIFFs and TIFF folders are :class:`LazyStack` objects that
-decode a frame when it is indexed; RosettaSciIO returns dask arrays (its own dependency).
+decode a frame when it is indexed; RosettaSciIO returns dask arrays (its own dependency);
+Zarr stores are read-only zarr arrays that decode a chunk when it is indexed.
 Single compressed images are decoded at once. Files are checked up front (size against the data the
 headers promise), so a truncated file fails in :func:`read`, not when a frame is displayed.
 """
@@ -71,6 +74,10 @@ _RSCIIO_FORMATS: dict[str, tuple[str, str]] = {
 EM_SUFFIXES: tuple[str, ...] = tuple(_RSCIIO_FORMATS)
 SUPPORTED_SUFFIXES: tuple[str, ...] = TIFF_SUFFIXES + MRC_SUFFIXES + EM_SUFFIXES
 EM_EXTRA_COMMAND = 'pip install "napari-microrestore[em]"'
+ZARR_SUFFIXES: tuple[str, ...] = (".zarr",)
+BATCH_EXTRA_COMMAND = 'pip install "napari-microrestore[batch]"'
+# OME-NGFF axis types -> our letters, where the axis name does not say
+_NGFF_TYPES = {"time": "T", "channel": "C"}
 
 _AXIS_LETTERS = "TZCYX"
 # tifffile axis letters with a meaning we keep; S (RGB samples) becomes C
@@ -290,8 +297,9 @@ def read(path: PathLike, *, lazy: bool = True) -> ImageData:
     Parameters
     ----------
     path
-        A file with one of :data:`SUPPORTED_SUFFIXES` (case-insensitive) or a folder of
-        single-frame TIFFs (read as one T stack, natural order).
+        A file with one of :data:`SUPPORTED_SUFFIXES` (case-insensitive), a Zarr / OME-Zarr
+        folder (see :func:`is_zarr`) or a folder of single-frame TIFFs (read as one T stack,
+        natural order).
     lazy
         Memory-map or decode frames on demand where the format allows (see the module
         docstring); ``False`` loads everything into memory.
@@ -309,6 +317,8 @@ def read(path: PathLike, *, lazy: bool = True) -> ImageData:
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p} does not exist.")
+    if is_zarr(p):
+        return _read_zarr(p, lazy)
     if p.is_dir():
         frames = find_tiff_frames(p)
         if not frames:
@@ -754,6 +764,110 @@ def _ome_pixels(xml: str) -> dict[str, str] | None:
         if element.tag.rsplit("}", 1)[-1] == "Pixels":
             return dict(element.attrib)
     return None
+
+
+# --------------------------------------------------------------------------- Zarr
+
+
+def is_zarr(path: PathLike) -> bool:
+    """True for a folder that is a Zarr store: named ``*.zarr`` or holding Zarr metadata."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    return p.suffix.lower() in ZARR_SUFFIXES or any(
+        (p / name).is_file() for name in (".zgroup", ".zarray", "zarr.json"))
+
+
+def is_ome_zarr(path: PathLike) -> bool:
+    """True for a Zarr group with OME-Zarr ``multiscales`` metadata (0.4 or 0.5).
+
+    Reads the group's JSON metadata only (no zarr import), so it is cheap enough for napari's
+    reader selection.
+    """
+    p = Path(path)
+    for name, key in ((".zattrs", None), ("zarr.json", "attributes")):
+        try:
+            meta = json.loads((p / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        attrs = meta.get(key, {}) if key and isinstance(meta, dict) else meta
+        if not isinstance(attrs, dict):
+            continue
+        ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+        if isinstance(ome.get("multiscales"), list):
+            return True
+    return False
+
+
+def _read_zarr(path: Path, lazy: bool) -> ImageData:
+    """Read an OME-Zarr image (first multiscale, first level) or a plain Zarr array.
+
+    OME-NGFF 0.4 keeps ``multiscales`` in the group attributes, 0.5 under ``"ome"``. Axis
+    names (t, z, c, y, x) and types give the letters; the dataset's (and the multiscale's)
+    ``scale`` transforms with the space axes' units give the pixel size.
+    """
+    try:
+        zarr = importlib.import_module("zarr")
+    except ImportError as exc:
+        raise InputError(
+            f"Reading {path.name} needs the optional zarr package; install it with: "
+            f"{BATCH_EXTRA_COMMAND}"
+        ) from exc
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise InputError(f"{path.name} is not a readable Zarr store ({_reason(exc)}).") from exc
+    metadata: dict[str, Any] = {"format": "zarr", "source_path": str(path)}
+    if not hasattr(node, "attrs") or hasattr(node, "shape"):  # a plain array
+        arr = node
+        hints: list[str | None] = [None] * (arr.ndim - 2) + ["Y", "X"]
+        if arr.ndim < 2:
+            raise InputError(f"{path.name} holds a {arr.ndim}-D array; an image needs Y and X.")
+        axes = _name_axes(hints, path)
+        data = arr if lazy else np.asarray(arr[...])
+        return ImageData(data, axes, None, None, metadata, str(path))
+    attrs = dict(node.attrs)
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    multiscales = ome.get("multiscales")
+    if not isinstance(multiscales, list) or not multiscales:
+        raise InputError(f"{path.name} is a Zarr group without OME-Zarr multiscales metadata.")
+    ms = multiscales[0]
+    try:
+        dataset = ms["datasets"][0]
+        arr = node[dataset["path"]]
+    except Exception as exc:
+        raise InputError(
+            f"{path.name} has OME-Zarr metadata whose first dataset cannot be opened "
+            f"({_reason(exc)})."
+        ) from exc
+    ax_meta = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])]
+    if len(ax_meta) != arr.ndim:
+        ax_meta = [{}] * (arr.ndim - 2) + [{"name": "y"}, {"name": "x"}]
+    hints = []
+    for a in ax_meta:
+        name = str(a.get("name", "")).upper()
+        hints.append(name if name in _AXIS_LETTERS else _NGFF_TYPES.get(str(a.get("type"))))
+    axes = _name_axes(hints, path)
+    scale = np.ones(arr.ndim)
+    for transforms in (dataset.get("coordinateTransformations"),
+                       ms.get("coordinateTransformations")):
+        for t in transforms or []:
+            if isinstance(t, dict) and t.get("type") == "scale" and len(t["scale"]) == arr.ndim:
+                scale = scale * np.asarray(t["scale"], float)
+    found = {}
+    for a, meta, value in zip(axes, ax_meta, scale):
+        norm = _normalise_unit(float(value), meta.get("unit"))
+        if a in "ZYX" and norm is not None:
+            found[a] = norm
+    calibrated = _common_unit(found)
+    spatial, unit = calibrated if calibrated and {"X", "Y"} <= set(calibrated[0]) else ({}, None)
+    metadata.update(format="ome-zarr", ome_zarr_version=ms.get("version", ome.get("version")),
+                    levels=len(ms["datasets"]), dataset=str(dataset["path"]))
+    if isinstance(attrs.get("microrestore"), dict):
+        metadata["microrestore"] = _json_safe(attrs["microrestore"])
+    pixel_size = _assemble_pixel_size(axes, spatial, metadata)
+    data = arr if lazy else np.asarray(arr[...])
+    return ImageData(data, axes, pixel_size, unit if pixel_size else None, metadata, str(path))
 
 
 # --------------------------------------------------------------------------- MRC
