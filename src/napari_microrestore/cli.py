@@ -128,12 +128,16 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
     estimate = None
     source = None
+    like = None
     if args.like:
         like, _ = _load_stack(args.like, "data to imitate")
         if like.ndim not in (2, 3):
             raise InputError(f"--like needs a (Y, X) frame or (T, Y, X) burst; got {like.shape}")
-        estimate = probes.estimate_degradation(like)
         source = str(args.like)
+    if args.model:
+        return _probe_with_model(args, out, shape, like, source)
+    if like is not None:
+        estimate = probes.estimate_degradation(like)
     overrides = {k: v for k, v in (("blur_length", args.blur_length),
                                    ("blur_angle", args.blur_angle),
                                    ("dose", args.dose)) if v is not None}
@@ -150,6 +154,46 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     print(f"wrote a {args.frames}-frame degraded {args.name} burst -> {out}; "
           f"ground truth -> {truth_path}; parameters -> {json_path}")
     return 0
+
+
+def _probe_with_model(args: argparse.Namespace, out: Path, shape: tuple, like, source) -> int:
+    """``probe NAME --model ID``: the Probes widget's experiment, headless (engine.probe)."""
+    from .core import io
+    from .engine.probe import describe_invented, run_probe
+
+    res = run_probe(args.name, args.model, shape=shape, like=like,
+                    blur_length=args.blur_length, blur_angle=args.blur_angle, dose=args.dose,
+                    n_frames=args.frames, seed=args.seed, device=args.device)
+    record = {"probe": res.provenance, "metrics": res.metrics, "invented": res.invented,
+              "like": source, "restore": res.restore_provenance}
+    truth_path, degraded_path = _sibling(out, "_truth.tif"), _sibling(out, "_degraded.tif")
+    json_path = _sibling(out, ".json")
+    io.write_tiff(out, res.restored, axes="YX", metadata={"probe": res.provenance})
+    io.write_tiff(truth_path, res.truth, axes="YX")
+    io.write_tiff(degraded_path, np.asarray(res.degraded, np.float32),
+                  axes="TYX" if np.ndim(res.degraded) == 3 else "YX")
+    io.write_json(json_path, _jsonable(record))
+    print(f"{'':9} {'PSNR':>7} {'SSIM':>6} {'PCC':>6} {'invented':>9}")
+    for name in ("degraded", "restored"):
+        m, inv = res.metrics[name], res.invented[name]
+        print(f"{name:9} {m['psnr']:7.2f} {m['ssim']:6.3f} {m['pcc']:6.3f} {inv['score']:9.4f}")
+    print(f"restored: {describe_invented(res.invented['restored'])}")
+    print(f"wrote restored -> {out}; truth -> {truth_path}; degraded -> {degraded_path}; "
+          f"record -> {json_path}")
+    return 0
+
+
+def _jsonable(obj):
+    """``obj`` with numpy scalars / arrays turned into plain Python for JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--blur-angle", type=float, help="motion direction, degrees from +x towards +y")
     pr.add_argument("--dose", type=float, help="mean electron counts per pixel")
     pr.add_argument("--clean", action="store_true", help="write only the clean pattern")
+    pr.add_argument("--model", help="restore the degraded probe with this model and score it "
+                                    "(writes OUT = restored, OUT_truth.tif, OUT_degraded.tif, "
+                                    "OUT.json with metrics and invented structure)")
+    pr.add_argument("--device", default="auto", help="device for --model (default auto)")
     pr.set_defaults(func=_cmd_probe)
 
     m = sub.add_parser(
