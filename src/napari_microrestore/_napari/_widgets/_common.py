@@ -1,4 +1,5 @@
-"""Pieces the widgets share: a layer picker, a Run / Cancel / progress panel, layer geometry.
+"""Pieces the widgets share: a layer picker, a Run / Cancel / progress panel, layer geometry,
+the burst windows that the Stream widget chooses, persisted choices, and the viewer-close hook.
 
 Nothing here computes: the panel hands :class:`~napari_microrestore._napari.scheduler.Task` s
 to the scheduler and shows what comes back.
@@ -6,12 +7,17 @@ to the scheduler and shows what comes back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Optional
 
 from napari.layers import Image, Layer
+from psygnal import Signal
+from qtpy.QtCore import QSettings
 from qtpy.QtWidgets import (
+    QApplication,
     QComboBox,
     QHBoxLayout,
     QLabel,
@@ -22,6 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._geometry import BurstWindow, nearest_index, stream_view
 from ..scheduler import Job, Progress, Scheduler, Task
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +36,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # the layer-list events after which a picker must list the layers again
 _LAYER_LIST_EVENTS = ("inserted", "removed", "moved", "reordered", "renamed")
+
+
+def unwrap(obj: Any) -> Any:
+    """The object behind napari's ``PublicOnlyProxy`` (plugin widgets made by napari get a
+    proxied viewer, whose layers come back as new proxies on every access), so that layers
+    and viewers can be compared with ``is`` and used as keys."""
+    return getattr(obj, "__wrapped__", obj)
 
 
 def is_plain_image(layer: Layer) -> bool:
@@ -65,7 +79,7 @@ class LayerComboBox(QComboBox):
     def set_layer(self, layer: Optional[Layer]) -> None:
         """Choose ``layer`` (or the "no layer" entry for ``None``)."""
         for i in range(self.count()):
-            if self.itemData(i) is layer:
+            if unwrap(self.itemData(i)) is unwrap(layer):
                 self.setCurrentIndex(i)
                 return
         raise ValueError(f"layer {getattr(layer, 'name', layer)!r} is not offered here")
@@ -185,15 +199,18 @@ class JobPanel(QWidget):
 
     def submit(self, task: Task, on_result: Callable[[Any], None], *,
                group: Optional[str] = None,
-               on_update: Optional[Callable[[Any], None]] = None) -> Job:
+               on_update: Optional[Callable[[Any], None]] = None,
+               on_done: Optional[Callable[[Job], None]] = None) -> Job:
         """Run ``task``; ``on_result(value)`` gets what it returned, ``on_update(obj)`` every
-        typed update it sent that is not a :class:`Progress` (those drive the bar)."""
+        typed update it sent that is not a :class:`Progress` (those drive the bar), and
+        ``on_done(job)`` runs last whatever the outcome (after the panel reset itself)."""
         self.progress_bar.setValue(0)
         self.status.setText(f"{task.name}...")
         self.cancel_button.setEnabled(True)
         self._life.job = self.scheduler.submit(
-            task, on_update=self.guard(partial(self._on_update, on_update)), on_result=self.guard(on_result),
-            on_done=self.guard(self._on_done), group=group)
+            task, on_update=self.guard(partial(self._on_update, on_update)),
+            on_result=self.guard(on_result),
+            on_done=self.guard(partial(self._on_done, on_done)), group=group)
         self._sync_buttons()
         return self._life.job
 
@@ -223,33 +240,38 @@ class JobPanel(QWidget):
         if update.message:
             self.status.setText(update.message)
 
-    def _on_done(self, job: Job) -> None:
-        if job is not self.job:
-            return
-        self.cancel_button.setEnabled(False)
-        self._sync_buttons()
-        if job.state == "done":
-            self.progress_bar.setValue(1000)
-            self.status.setText(f"done in {job.seconds:.1f} s")
-        else:
-            self.progress_bar.setValue(0)
-            self.status.setText(job.state)
+    def _on_done(self, then: Optional[Callable[[Job], None]], job: Job) -> None:
+        if job is self.job:
+            self.cancel_button.setEnabled(False)
+            self._sync_buttons()
+            if job.state == "done":
+                self.progress_bar.setValue(1000)
+                self.status.setText(f"done in {job.seconds:.1f} s")
+            else:
+                self.progress_bar.setValue(0)
+                self.status.setText(job.state)
+        if then is not None:
+            then(job)
 
 
-def spatial_kwargs(layer: Layer, ndim: int, zoom: int = 1) -> dict[str, Any]:
+def spatial_kwargs(layer: Layer, ndim: int, zoom: int = 1,
+                   axes: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """``scale``, ``translate``, ``units`` and ``axis_labels`` for a new layer whose ``ndim``
-    axes are the last ``ndim`` axes of ``layer``, with ``zoom`` times more pixels in Y and X
-    (pixel size divided by ``zoom``; the grid shifted so the new pixels tile the old ones).
+    axes are the last ``ndim`` axes of ``layer`` (or its ``axes``, e.g. a stream's frame axis
+    then Y and X), with ``zoom`` times more pixels in Y and X (pixel size divided by ``zoom``;
+    the grid shifted so the new pixels tile the old ones).
     """
-    scale = [float(s) for s in layer.scale[-ndim:]]
-    translate = [float(t) for t in layer.translate[-ndim:]]
+    axes = list(range(layer.ndim))[-ndim:] if axes is None else [int(a) for a in axes]
+    scale = [float(layer.scale[a]) for a in axes]
+    translate = [float(layer.translate[a]) for a in axes]
     for ax in (-2, -1):
         # input pixel centres sit on integers; its first output pixel's centre is at
         # -1/2 + 1/(2 zoom) input pixels
         translate[ax] += (-0.5 + 0.5 / zoom) * scale[ax]
         scale[ax] /= zoom
-    return {"scale": scale, "translate": translate, "units": tuple(layer.units[-ndim:]),
-            "axis_labels": tuple(layer.axis_labels[-ndim:])}
+    return {"scale": scale, "translate": translate,
+            "units": tuple(layer.units[a] for a in axes),
+            "axis_labels": tuple(layer.axis_labels[a] for a in axes)}
 
 
 def source_info(layer: Layer) -> dict[str, Any]:
@@ -257,3 +279,151 @@ def source_info(layer: Layer) -> dict[str, Any]:
     return {"layer": layer.name, "shape": [int(n) for n in layer.data.shape],
             "dtype": str(layer.data.dtype),
             "source_path": layer.metadata.get("source_path")}
+
+
+# --------------------------------------------------------------------------------------------
+# positions and streams
+# --------------------------------------------------------------------------------------------
+def current_indices(viewer: napari.Viewer, layer: Layer) -> list[int]:
+    """The data index of ``layer`` on every axis at the viewer's current dims position."""
+    position = layer.world_to_data(viewer.dims.point)
+    return [nearest_index(p, n) for p, n in zip(position, layer.data.shape)]
+
+
+def frame_axes(layer: Layer) -> list[int]:
+    """The axes of ``layer`` that can hold a stream's frames: all but Y and X."""
+    return list(range(max(layer.ndim - 2, 0)))
+
+
+def layer_stream(viewer: napari.Viewer, layer: Layer, axis: int = 0) -> Any:
+    """``layer.data`` as (T, Y, X) frames along ``axis``, every other leading axis at the
+    viewer's current position: the data itself for a 3-D stream along axis 0, else a lazy view
+    (nothing is read or copied here)."""
+    return stream_view(layer.data, axis, current_indices(viewer, layer)[:-2])
+
+
+# --------------------------------------------------------------------------------------------
+# burst windows shared by the Stream, Register and Restore widgets
+# --------------------------------------------------------------------------------------------
+@dataclass
+class WindowRequest:
+    """The Stream widget asks the ``target`` widget ("register" or "restore") of ``viewer`` to
+    work on ``layer`` with its burst window; a widget that takes it sets ``accepted``.
+    ``viewer`` and ``layer`` are never proxies (see :func:`unwrap`)."""
+
+    viewer: Any
+    layer: Layer
+    target: str
+    accepted: bool = False
+
+
+class WindowHub:
+    """Where the Stream widget keeps the burst window of each stream layer, and tells the
+    other widgets about it (psygnal signals, emitted on the GUI thread).
+
+    Windows are kept beside the layers (weakly, so a removed layer takes its window with it)
+    rather than in ``layer.metadata``, so that choosing a window never modifies an input layer.
+    """
+
+    changed = Signal(object)   # the layer (never a proxy) whose window changed
+    sent = Signal(object)      # a WindowRequest
+
+    def __init__(self) -> None:
+        self._windows: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, layer: Optional[Layer]) -> Optional[BurstWindow]:
+        """The window chosen for ``layer``, or ``None`` (none chosen, or the layer's shape
+        changed since)."""
+        window = self._windows.get(unwrap(layer)) if layer is not None else None
+        if window is None:
+            return None
+        shape = layer.data.shape
+        if not (window.axis < len(shape) - 2 and shape[window.axis] == window.n_frames):
+            return None
+        return window
+
+    def set(self, layer: Layer, window: Optional[BurstWindow]) -> None:
+        """Choose ``window`` for ``layer`` (``None`` forgets it) and say so."""
+        layer = unwrap(layer)
+        if window is None:
+            self._windows.pop(layer, None)
+        else:
+            self._windows[layer] = window
+        self.changed.emit(layer)
+
+    def send(self, viewer: napari.Viewer, layer: Layer, target: str) -> None:
+        """Ask the ``target`` widget of ``viewer`` to take ``layer`` and its window, opening
+        that dock widget first if it is not open."""
+        request = WindowRequest(unwrap(viewer), unwrap(layer), target)
+        self.sent.emit(request)
+        if not request.accepted:
+            viewer.window.add_plugin_dock_widget("napari-microrestore", target.capitalize())
+            self.sent.emit(request)
+
+
+WINDOWS = WindowHub()
+
+
+def connect_while_alive(widget: QWidget, signal: Any, callback: Callable[..., Any]) -> None:
+    """Connect ``signal`` of a longer-lived object (a psygnal signal, or a napari event such
+    as ``viewer.dims.events.current_step``) to ``callback`` until ``widget`` is destroyed, so
+    that a closed widget is never called."""
+    signal.connect(callback)
+    widget.destroyed.connect(partial(_disconnect, signal, callback))
+
+
+def _disconnect(signal: Any, callback: Callable[..., Any], *_: Any) -> None:
+    signal.disconnect(callback)   # both kinds ignore a callback that is not connected
+
+
+# --------------------------------------------------------------------------------------------
+# persisted choices
+# --------------------------------------------------------------------------------------------
+class Settings:
+    """A widget's choices kept between sessions (an INI file in the user's configuration
+    folder, via ``QSettings("napari-microrestore", name)``).
+
+    Reading tolerates stale or foreign values: a value that does not convert to the default's
+    type comes back as the default.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._q = QSettings(QSettings.Format.IniFormat, QSettings.Scope.UserScope,
+                            "napari-microrestore", name)
+
+    def get(self, key: str, default: Any) -> Any:
+        value = self._q.value(key)
+        if value is None:
+            return default
+        try:
+            if isinstance(default, bool):
+                text = str(value).strip().lower()
+                if text not in ("true", "false", "1", "0"):
+                    return default
+                return text in ("true", "1")
+            return type(default)(value)
+        except (TypeError, ValueError):
+            return default
+
+    def set(self, key: str, value: Any) -> None:
+        self._q.setValue(key, value)
+
+
+# --------------------------------------------------------------------------------------------
+# closing
+# --------------------------------------------------------------------------------------------
+def cancel_jobs_on_quit(scheduler: Scheduler) -> None:
+    """Cancel ``scheduler``'s jobs when the application quits (connected once).
+
+    Closing a viewer destroys its dock widgets, and each widget cancels the jobs it started
+    when it is destroyed (:class:`JobPanel`; the Restore widget's live job): no private
+    napari window attribute is needed for that.
+    """
+    app = QApplication.instance()
+    if app is None or app.property(_QUIT_KEY.format(id(scheduler))):
+        return
+    app.setProperty(_QUIT_KEY.format(id(scheduler)), True)
+    app.aboutToQuit.connect(scheduler.cancel_all)
+
+
+_QUIT_KEY = "microrestore_cancel_{:x}"

@@ -39,9 +39,8 @@ from ._common import JobPanel, LayerComboBox, spatial_kwargs
 from .restore import card_text
 
 if TYPE_CHECKING:  # pragma: no cover
-    from napari.layers import Image
-
     import napari
+    from napari.layers import Image
 
 _GAP = 1.05                      # side-by-side spacing, in image widths
 _COLUMNS = (("PSNR (dB)", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.3f}"),
