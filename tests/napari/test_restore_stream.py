@@ -31,13 +31,6 @@ SCALE = (1.0, 2.5, 2.5)
 TRANSLATE = (0.0, 10.0, 20.0)
 
 
-@pytest.fixture(autouse=True)
-def own_settings(tmp_path):
-    """Persisted widget choices go to a fresh folder, never the user's."""
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path))
-    yield tmp_path
-
-
 @pytest.fixture(scope="module")
 def stream():
     rng = np.random.default_rng(5)

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from qtpy.QtCore import QSettings, Qt  # noqa: E402
+from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_microrestore._napari._geometry import BurstWindow  # noqa: E402
 from napari_microrestore._napari._widgets import (  # noqa: E402
@@ -21,13 +21,6 @@ from napari_microrestore.core import degrade, probes  # noqa: E402
 
 pytestmark = pytest.mark.gui
 WAIT = 30000
-
-
-@pytest.fixture(autouse=True)
-def own_settings(tmp_path):
-    """Persisted widget choices go to a fresh folder, never the user's."""
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path))
-    yield tmp_path
 
 
 @pytest.fixture(scope="module")

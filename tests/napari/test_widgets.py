@@ -15,7 +15,7 @@ pytest.importorskip("napari")
 
 from napari.layers import Labels  # noqa: E402
 from napari.utils.notifications import NotificationSeverity  # noqa: E402
-from qtpy.QtCore import QSettings, Qt  # noqa: E402
+from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_microrestore._napari._widgets import (  # noqa: E402
     CompareWidget,
@@ -32,13 +32,6 @@ pytestmark = pytest.mark.gui
 SCALE = (1.0, 2.5, 2.5)          # frames, nm, nm
 TRANSLATE = (0.0, 10.0, 20.0)
 WAIT = 30000                     # ms; the CPU may be shared
-
-
-@pytest.fixture(autouse=True)
-def own_settings(tmp_path):
-    """The widgets' persisted choices go to a fresh folder, never the user's."""
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path))
-    yield tmp_path
 
 
 @pytest.fixture(scope="module")

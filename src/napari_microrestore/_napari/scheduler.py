@@ -238,7 +238,13 @@ class Scheduler:
             if previous is not None:
                 previous.cancel(quiet=True)
         job = Job(task, group)
-        worker = create_worker(_run, task, job.token, _ignore_errors=True)
+
+        def run(task: Task, cancel: CancelToken) -> Generator[Any, None, Outcome]:
+            return (yield from _run(task, cancel))
+
+        # napari's activity dock names a worker after its function: show the task's name
+        run.__name__ = run.__qualname__ = task.name
+        worker = create_worker(run, task, job.token, _ignore_errors=True)
         outcome: list[Outcome] = []
         worker.yielded.connect(partial(self._on_yielded, job, on_update))
         worker.returned.connect(outcome.append)
