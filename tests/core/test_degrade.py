@@ -6,7 +6,7 @@ import pytest
 from scipy import ndimage
 from skimage.registration import phase_cross_correlation
 
-from conftest import shared_file
+from _shared import shared_file
 from napari_microrestore.core import degrade as d
 from napari_microrestore.core.errors import InputError
 

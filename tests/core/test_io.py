@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import shared_file
+from _shared import shared_file
 from napari_microrestore.core.errors import InputError
 from napari_microrestore.core.io import (
     SUPPORTED_SUFFIXES,

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import shared_file
+from _shared import shared_file
 from napari_microrestore.core import degrade as d
 from napari_microrestore.core import probes as p
 from napari_microrestore.core.errors import InputError

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from conftest import shared_file
+from _shared import shared_file
 from napari_microrestore.core import registration
 from napari_microrestore.core.errors import Cancelled, CancelToken, InputError
 from napari_microrestore.core.registration import (
