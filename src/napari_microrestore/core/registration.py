@@ -298,8 +298,20 @@ def _covered(transform: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         else:
             inside = (offset >= -tol) & (offset <= upper + tol)
             hi = np.where(inside, hi, -1.0)
-    cols = np.arange(w, dtype=np.float64)
-    return (cols >= lo[:, None]) & (cols <= hi[:, None])
+    # integer column bounds per row (col >= lo <=> col >= ceil(lo) for integer cols), then
+    # fill runs of rows with equal bounds as rectangles: one or three runs for a translation,
+    # where comparing every pixel's column would cost a few ms per call at 1024^2
+    first = np.clip(np.ceil(lo), 0, w).astype(np.int64)
+    last = np.clip(np.floor(hi), -1, w - 1).astype(np.int64) + 1
+    starts = np.flatnonzero(np.diff(first) | np.diff(last)) + 1
+    if len(starts) > 32:
+        cols = np.arange(w)
+        return (cols >= first[:, None]) & (cols < last[:, None])
+    mask = np.zeros((h, w), bool)
+    for r0, r1 in zip(np.r_[0, starts], np.r_[starts, h]):
+        if first[r0] < last[r0]:
+            mask[r0:r1, first[r0]:last[r0]] = True
+    return mask
 
 
 def coverage_mask(transforms: Any, shape: tuple[int, int]) -> np.ndarray:
@@ -439,8 +451,10 @@ class _FullResolution:
         warped = _warp(img_f, warp, cv2.INTER_LINEAR, cv2.BORDER_REPLICATE)
         weights = valid.ravel().astype(np.float32)
         img, ref = warped.ravel(), self.ref.ravel()
-        img = (img - np.float32(float(img @ weights) / count)) * weights
-        ref = (ref - np.float32(float(ref @ weights) / count)) * weights
+        img = img - np.float32(float(img @ weights) / count)
+        img *= weights
+        ref = ref - np.float32(float(ref @ weights) / count)
+        ref *= weights
         return valid, (warped, img, ref)
 
     def correlation(self, img_f: np.ndarray, warp: np.ndarray) -> tuple[float, np.ndarray]:

@@ -75,7 +75,8 @@ class _Fuse(nn.Module):
 
     def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
         burst = self.burst(_pool_frames(x, n)).unsqueeze(1)
-        return _act(self.frame(x).unflatten(0, (n, -1)) + burst).flatten(0, 1)
+        # in place on the fresh conv output: no extra (N * T, C, h, w) tensor
+        return _act(self.frame(x).unflatten(0, (n, -1)).add_(burst)).flatten(0, 1)
 
 
 class BurstFastNet(nn.Module):
@@ -195,4 +196,4 @@ class BurstFastNet(nn.Module):
             out = torch.cat([F.pixel_shuffle(up(out), 2), skip], dim=1)
             out = _act(conv_b(_act(conv_a(out))))
         residual = self.head(_act(F.pixel_shuffle(self.head_up(out), 2)))
-        return x.mean(dim=1) + residual
+        return residual.add_(x.mean(dim=1))

@@ -1,0 +1,208 @@
+"""Worker-thread penalty: the same restore in a plain process and from the Restore widget.
+
+The call is ``engine.restore.restore(burst, "tem-burst-fast", device="cpu")`` on a simulated
+5 x 1024 x 1024 TEM burst (registration + inference). It is timed, in fresh processes:
+
+* ``plain``: a Python process without Qt or napari, on its main thread;
+* ``napari, GUI thread``: inside a running napari viewer, the engine called directly on the
+  main thread (separates "napari is loaded" from "it runs in a worker");
+* ``napari, Restore widget``: the Run button of the Restore widget clicked in the viewer, the
+  time measured from the click to the result layer (the scheduler's worker thread, its
+  progress reports to the GUI thread and the layer creation included); the scheduler's own
+  submit-to-end time is shown too.
+
+Every mode does one warm-up run (model loading, first-call allocations), then ``--runs``
+timed runs; the table gives the medians, the ratio to ``plain`` (target <= 1.10 for the
+widget) and ``torch.get_num_threads()`` as seen by the thread that computes. Timings on a
+machine where other processes compete for the cores are noisy: compare the ratio on a quiet
+machine.
+
+Needs an X display for the napari modes: run ``python benchmarks/bench_worker.py``; without
+``DISPLAY`` the script re-runs itself under ``xvfb-run -a`` (or run
+``xvfb-run -a python benchmarks/bench_worker.py`` yourself).
+
+Usage::
+
+    python benchmarks/bench_worker.py [--runs 5] [--size 1024] [--frames 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_startup import REPO, ensure_display
+
+MODEL = "tem-burst-fast"
+TARGET_RATIO = 1.10
+
+_PLAIN = r"""
+import json, os, sys, time
+import numpy as np
+import torch
+from napari_microrestore.engine.restore import restore
+burst = np.load(sys.argv[1])
+runs = int(sys.argv[2])
+restore(burst, MODEL, device="cpu")
+times, cpu = [], []
+for _ in range(runs):
+    cpu0 = os.times()
+    t0 = time.perf_counter()
+    restore(burst, MODEL, device="cpu")
+    times.append(time.perf_counter() - t0)
+    cpu1 = os.times()
+    cpu.append((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
+print(json.dumps({"times": times, "cpu": cpu, "threads": torch.get_num_threads()}))
+"""
+
+_NAPARI = r"""
+import json, sys, time
+import numpy as np
+import napari
+import os
+from qtpy.QtCore import QEventLoop, QTimer
+from napari_microrestore._napari._widgets import RestoreWidget
+from napari_microrestore._napari.scheduler import Task
+
+burst = np.load(sys.argv[1])
+runs = int(sys.argv[2])
+viewer = napari.Viewer(show=True)
+layer = viewer.add_image(burst, name="burst")
+widget = RestoreWidget(viewer)
+viewer.window.add_dock_widget(widget, name="Restore")
+widget.set_model(MODEL)
+widget.device_combo.setCurrentText("cpu")
+widget.layer_combo.setCurrentIndex(widget.layer_combo.findText("burst"))
+
+
+def wait(job):
+    # run the Qt event loop (idle, as napari's is) until the job has ended
+    loop = QEventLoop()
+    timer = QTimer()
+    timer.timeout.connect(lambda: job.done and loop.quit())
+    timer.start(20)
+    loop.exec_()
+    timer.stop()
+
+
+def click():
+    # click Run: seconds from the click to the result layer, the job's time, process CPU
+    loop = QEventLoop()
+    quit_loop = lambda event: loop.quit()
+    viewer.layers.events.inserted.connect(quit_loop)
+    cpu0 = os.times()
+    t0 = time.perf_counter()
+    widget.panel.run_button.click()
+    job = widget.panel.job
+    loop.exec_()
+    seconds = time.perf_counter() - t0
+    cpu1 = os.times()
+    viewer.layers.events.inserted.disconnect(quit_loop)
+    wait(job)
+    assert job.state == "done", job.state
+    viewer.layers.pop()
+    return seconds, job.seconds, (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+
+
+wait(widget.device_job)
+# the thread count a worker thread of the scheduler sees
+import torch
+seen = []
+wait(widget.scheduler.submit(Task("threads", torch.get_num_threads), on_result=seen.append))
+
+from napari_microrestore.engine.restore import restore
+restore(burst, MODEL, device="cpu")
+direct, direct_cpu = [], []
+for _ in range(runs):
+    cpu0 = os.times()
+    t0 = time.perf_counter()
+    restore(burst, MODEL, device="cpu")
+    direct.append(time.perf_counter() - t0)
+    cpu1 = os.times()
+    direct_cpu.append((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
+
+click()
+widget_times, job_times, widget_cpu = [], [], []
+for _ in range(runs):
+    s, j, c = click()
+    widget_times.append(s)
+    job_times.append(j)
+    widget_cpu.append(c)
+print(json.dumps({"direct": direct, "direct_cpu": direct_cpu, "widget": widget_times,
+                  "job": job_times, "widget_cpu": widget_cpu,
+                  "threads_main": torch.get_num_threads(), "threads_worker": seen[0]}))
+viewer.close()
+"""
+
+
+def _burst(size: int, frames: int) -> object:
+    import numpy as np
+
+    from napari_microrestore.core import degrade, probes
+
+    rng = np.random.default_rng(0)
+    scene = probes.make_probe("spots-lines", (size + size // 8,) * 2, rng=rng) * 100 + 10
+    burst = degrade.simulate_burst(scene, frames, shape=(size, size), blur_length=8, dose=40,
+                                   rng=rng)
+    return burst.frames.astype(np.float32)
+
+
+def _run(code: str, *args: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"),
+                                                      env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", f"MODEL = {MODEL!r}\n" + code, *args],
+                          capture_output=True, text=True, env=env, timeout=1800, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measurement failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per mode")
+    parser.add_argument("--size", type=int, default=1024, help="frame edge (px)")
+    parser.add_argument("--frames", type=int, default=5, help="frames in the burst")
+    args = parser.parse_args(argv)
+    ensure_display(Path(__file__))
+    sys.path.insert(0, str(REPO / "src"))
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "burst.npy"
+        np.save(path, _burst(args.size, args.frames))
+        plain = _run(_PLAIN, str(path), str(args.runs))
+        gui = _run(_NAPARI, str(path), str(args.runs))
+
+    base = statistics.median(plain["times"])
+    rows = [("plain process", plain["times"], plain["cpu"], plain["threads"]),
+            ("napari, engine on the GUI thread", gui["direct"], gui["direct_cpu"],
+             gui["threads_main"]),
+            ("napari, Restore widget: click -> layer", gui["widget"], gui["widget_cpu"],
+             gui["threads_worker"]),
+            ("napari, Restore widget: scheduler job", gui["job"], None, gui["threads_worker"])]
+    print(f"Worker-thread penalty: {MODEL} restore of a {args.frames} x {args.size} x "
+          f"{args.size} burst on the CPU, median of {args.runs} runs after a warm-up "
+          f"({os.cpu_count()} CPUs)\n")
+    print("| mode | median (s) | min (s) | ratio to plain | process CPU (s) | torch threads |")
+    print("|---|---|---|---|---|---|")
+    for name, times, cpu, threads in rows:
+        med = statistics.median(times)
+        cpu_s = f"{statistics.median(cpu):.2f}" if cpu else "-"
+        print(f"| {name} | {med:.3f} | {min(times):.3f} | {med / base:.2f} | {cpu_s} | "
+              f"{threads} |")
+    ratio = statistics.median(gui["widget"]) / base
+    verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
+    print(f"\nwidget / plain = {ratio:.2f} (target <= {TARGET_RATIO}): {verdict}")
+    return 0 if ratio <= TARGET_RATIO else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
