@@ -104,7 +104,7 @@ class ProbesWidget(QWidget):
         self.panel.run_button.clicked.connect(self.run)
         self.table = QTableWidget(0, 0)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.table.setMaximumHeight(100)
+        self.table.setMaximumHeight(130)
         self.readout = QLabel("")
         self.readout.setWordWrap(True)
         explanation = QLabel(EXPLANATION)
