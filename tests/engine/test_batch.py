@@ -257,16 +257,10 @@ def test_bad_inputs(stream_file, cards, tmp_path):
 
 
 def test_missing_dask_names_the_extra(monkeypatch):
-    import builtins
+    import sys
 
-    real = builtins.__import__
-
-    def no_distributed(name, *args, **kwargs):
-        if name == "distributed":
-            raise ImportError("No module named 'distributed'")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_distributed)
+    # a None entry in sys.modules makes any import of it fail, as if it were not installed
+    monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(InputError, match=r'napari-microrestore\[batch\]'):
         batch._need("distributed")
 
