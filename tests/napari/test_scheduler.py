@@ -261,3 +261,24 @@ def test_typed_updates_reach_on_update_in_order(qtbot):
     assert [type(u).__name__ for u in seen] == ["dict", "Progress"] * 3
     assert [u["step"] for u in seen if isinstance(u, dict)] == [0, 1, 2]
     assert seen[-1] == Progress(1.0, "step 2")
+
+
+def _thread_ident() -> tuple:
+    import threading
+
+    return threading.get_ident(), threading.current_thread().name
+
+
+def test_compute_threads_are_reused_and_named_after_the_task(qtbot):
+    import threading
+
+    from napari_microrestore._napari.scheduler import Scheduler, Task
+
+    sched = Scheduler()
+    seen = []
+    for name in ("first", "second"):
+        job = sched.submit(Task(name, _thread_ident), on_result=seen.append)
+        qtbot.waitUntil(lambda: job.done, timeout=10000)
+    (id1, name1), (id2, name2) = seen
+    assert id1 == id2 != threading.get_ident()      # one warm thread, not the GUI thread
+    assert (name1, name2) == ("microrestore: first", "microrestore: second")

@@ -14,7 +14,8 @@ thread and calls the widget back *on the GUI thread* with typed updates:
 Threads
 -------
 Each job is a napari generator worker (:func:`napari.qt.threading.create_worker`), which runs
-the callable in a helper thread of its own and yields the :class:`Progress` updates that the
+the callable in a long-lived compute thread (reused from job to job: see
+:class:`_ComputeThreads`) and yields the :class:`Progress` updates that the
 callable's ``progress`` callback put on a :class:`queue.Queue` (the careamics-napari pattern):
 the callable and its callback never touch a Qt object, and napari's worker signals bring each
 yielded update to the GUI thread. The generator ends by *returning* a :class:`Result` or a
@@ -195,15 +196,53 @@ def _run(task: Task, cancel: CancelToken) -> Generator[Any, None, Outcome]:
             outcome.append(Result(task(progress, cancel, updates.put)))
         except Exception as exc:  # every failure is handed to the GUI thread
             outcome.append(Failure(exc))
-        finally:
-            updates.put(_END)
 
-    thread = threading.Thread(target=compute, name=f"microrestore: {task.name}", daemon=True)
-    thread.start()
+    _COMPUTE_THREADS.run(compute, f"microrestore: {task.name}", then=lambda: updates.put(_END))
     while (item := updates.get()) is not _END:
         yield item
-    thread.join()
     return outcome[0] if outcome else Failure(Cancelled("the computation thread was stopped"))
+
+
+class _ComputeThreads:
+    """Long-lived daemon threads that run the jobs' computations, reused from job to job.
+
+    A fresh thread per job made every restore ~15 % slower from the widget than in a plain
+    process (benchmarks/bench_worker.py): each new thread starts with a cold glibc malloc
+    arena (large activation buffers page-faulted and zeroed again) and a new OpenMP thread
+    team. An idle thread is reused; a new one starts only when all are busy, so concurrent
+    jobs never wait for each other. Threads are daemons: a computation left running never
+    keeps the interpreter from exiting.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue] = []
+
+    def run(self, fn: Callable[[], None], name: str, then: Callable[[], None]) -> None:
+        """Call ``fn()`` in an idle thread (named ``name`` while it runs) or a new one, then
+        ``then()`` once that thread is idle again (so a job submitted after it reuses it)."""
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), daemon=True,
+                             name="microrestore: idle").start()
+        inbox.put((fn, name, then))
+
+    def _serve(self, inbox: queue.SimpleQueue) -> None:
+        me = threading.current_thread()
+        while True:
+            fn, me.name, then = inbox.get()
+            try:
+                fn()  # never raises: compute() catches everything
+            finally:
+                me.name = "microrestore: idle"
+                with self._lock:
+                    self._idle.append(inbox)
+                then()
+
+
+_COMPUTE_THREADS = _ComputeThreads()
 
 
 # --------------------------------------------------------------------------------------------
