@@ -206,10 +206,11 @@ def _run(task: Task, cancel: CancelToken) -> Generator[Any, None, Outcome]:
 class _ComputeThreads:
     """Long-lived daemon threads that run the jobs' computations, reused from job to job.
 
-    A fresh thread per job made every restore ~15 % slower from the widget than in a plain
-    process (benchmarks/bench_worker.py): each new thread starts with a cold glibc malloc
-    arena (large activation buffers page-faulted and zeroed again) and a new OpenMP thread
-    team. An idle thread is reused; a new one starts only when all are busy, so concurrent
+    A warm thread keeps its glibc malloc arena and OpenMP thread team from job to job. (Any
+    thread but the main one allocates from an arena whose heaps hold at most 64 MB, so the
+    larger activation tensors of CPU inference are mmap-ed and page-faulted afresh in every
+    layer there: see benchmarks/bench_worker.py and the README for the measured cost and the
+    ``MALLOC_ARENA_MAX=1`` remedy.) An idle thread is reused; a new one starts only when all are busy, so concurrent
     jobs never wait for each other. Threads are daemons: a computation left running never
     keeps the interpreter from exiting.
     """

@@ -813,10 +813,17 @@ def _run_dask(job: BatchJob, todo: list[Block], retries: int, summary: BatchSumm
     distributed = _need("distributed")
     cluster = None
     if scheduler is None:
-        cluster = distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address=None, silence_logs=logging.ERROR,
-            resources={"GPU": 1} if gpu else None)
+        import dask
+
+        # tasks run in a worker thread, whose own glibc arena would mmap (and page-fault)
+        # every large activation tensor afresh: one arena per worker process (see
+        # benchmarks/bench_worker.py). glibc reads it at start-up, so it must be set before
+        # the nanny spawns the worker, not in its `env`
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": 1}):
+            cluster = distributed.LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, silence_logs=logging.ERROR,
+                resources={"GPU": 1} if gpu else None)
         client = distributed.Client(cluster)
     else:
         try:
