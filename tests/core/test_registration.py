@@ -200,10 +200,47 @@ def test_pyramid_and_full_resolution_polish(base, motion, levels, monkeypatch):
     errors = [max_point_error(res.transforms[t], truth[t]) for t in (1, 2)]
     assert max(errors) < 0.05
     if levels == 2:  # without the polish, ECC on 32x32-pixel images is far less accurate
-        monkeypatch.setattr(registration._FullResolution, "step", lambda self, img, warp: warp)
+        monkeypatch.setattr(registration, "_POLISH_STEPS", 0)
         coarse = register_burst(frames, reference=0, motion=motion, levels=levels)
         coarse_errors = [max_point_error(coarse.transforms[t], truth[t]) for t in (1, 2)]
         assert max(coarse_errors) > 3 * max(errors)
+
+
+def test_translation_gauss_newton_levels_agree_with_ecc_fallback(rng, monkeypatch):
+    # a translation is refined at the pyramid levels by Gauss-Newton steps of the ECC
+    # objective; with no steps allowed, cv2.findTransformECC (the fallback) does it instead
+    base = periodic_texture(rng, 384, sigma=1.5)
+    true = np.array([(0.35, -1.8), (0.0, 0.0), (-6.4, 3.15), (12.7, -9.05)])
+    frames = translated_burst(base, true, size=256)
+    frames += rng.normal(0.0, 4.0, frames.shape).astype(np.float32)
+    fast = register_burst(frames, reference=1, levels=2)
+    assert fast.converged.all()
+    np.testing.assert_allclose(fast.shifts, true - true[1], atol=0.05)
+    monkeypatch.setattr(registration, "_LEVEL_STEPS", 0)
+    ecc = register_burst(frames, reference=1, levels=2)
+    assert ecc.converged.all()
+    np.testing.assert_allclose(ecc.shifts, true - true[1], atol=0.05)
+    np.testing.assert_allclose(fast.shifts, ecc.shifts, atol=0.05)
+
+
+@pytest.mark.parametrize("motion", MOTIONS)
+def test_ecc_score_matches_full_resolution_correlation(rng, base, motion):
+    # the score is measured on every 4th row; it must agree with the zero-mean normalised
+    # correlation of the pre-filtered frames over every covered pixel, up to the sampling
+    # error of ~(1 - ecc^2) / sqrt(pixels sampled) (a wrong row mapping would decorrelate)
+    angle = 0.0 if motion == "translation" else 2.0
+    c = (base.shape[1] - 1) / 2.0
+    mats = [np.eye(2, 3), cv2.getRotationMatrix2D((c, c), angle, 1.0)]
+    mats[1][:, 2] += (3.3, -2.2)
+    frames, _ = warped_burst(base, mats)
+    frames += rng.normal(0.0, 30.0, frames.shape).astype(np.float32)
+    res = register_burst(frames, reference=0, motion=motion)
+    f0, f1 = (cv2.GaussianBlur(f, (0, 0), res.sigma) for f in frames)
+    warped = warp_frames(np.stack([f0, f1]), res.transforms)[1]
+    valid = coverage_mask(res.transforms[1:], f0.shape)
+    a, b = f0[valid] - f0[valid].mean(), warped[valid] - warped[valid].mean()
+    full = float(a @ b / np.sqrt((a @ a) * (b @ b)))
+    assert 0.8 < full < 0.95 and abs(res.ecc[1] - full) < 0.015
 
 
 def test_noisy_blurred_frames(rng):
