@@ -23,6 +23,10 @@ equals an uninterrupted run.
 
 :func:`restore_block` is pure (no Dask, no writing): it reads its input window from the source
 path (workers open the files themselves; arrays are never shipped) and returns the block.
+In this process (``workers=0``, as napari runs it) the input may also be an in-memory or lazily
+indexed array, given as an :class:`~napari_microrestore.core.io.ImageData` (a napari layer
+without a file): its blocks are read from the array, and a digest of its pixels stands for
+the paths in the output's fingerprint, so a re-run resumes only on the same pixels.
 :func:`process_block` restores and writes one block and is what the workers run.
 :func:`run_batch` plans, prepares the output, submits the blocks with retries, follows them
 with ``as_completed`` and returns a :class:`BatchSummary`. Dask and zarr are imported lazily.
@@ -115,14 +119,52 @@ class Source:
             data = io.read_frames(self.paths[sl[0]]).data[(slice(None),) + sl[1:]]
         else:
             data = self.open().data[sl]
-        arr = np.asarray(data, dtype=np.float32)
-        if not np.isfinite(arr).all():
-            raise InputError(f"input region {list(region)} contains NaN or infinite values")
-        return arr
+        return _finite_float32(data, region)
 
 
-def open_source(inputs: Sequence[str | os.PathLike]) -> tuple[Source, io.ImageData]:
-    """Check the inputs and open them lazily: a file, a folder of frames, or several frames."""
+def _finite_float32(data: Any, region: Sequence[tuple[int, int]]) -> np.ndarray:
+    """``data`` (the pixels of ``region``) as float32; NaN or infinite values are bad input."""
+    arr = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise InputError(f"input region {list(region)} contains NaN or infinite values")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class ArraySource:
+    """An array given instead of paths (numpy, memmap, zarr, a lazy view of a napari layer).
+
+    It cannot travel to other processes, so only a run in this process (``workers=0``) reads
+    it; blocks index it for their regions only, so a lazy array is never loaded whole.
+    """
+
+    data: Any
+    name: str = "in-memory array"
+    paths: tuple[str, ...] = ()
+    frames: bool = False
+
+    def read(self, region: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Pixels of ``region`` ((start, stop) per axis) as a float32 copy (the caller's
+        array is never written through)."""
+        sl = tuple(slice(a, b) for a, b in region)
+        return _finite_float32(np.array(self.data[sl], dtype=np.float32), region)
+
+    def digest(self) -> str:
+        """sha256 of the shape, dtype and pixels, read one leading-axis slice at a time: what
+        tells a resumable output made from these pixels from one made from others."""
+        h = hashlib.sha256(f"{tuple(self.data.shape)} {self.data.dtype}".encode())
+        for k in range(self.data.shape[0]) if len(self.data.shape) > 2 else [Ellipsis]:
+            h.update(np.ascontiguousarray(np.asarray(self.data[k])).tobytes())
+        return h.hexdigest()
+
+
+def open_source(inputs: Sequence[str | os.PathLike] | io.ImageData
+                ) -> tuple[Source | ArraySource, io.ImageData]:
+    """Check the inputs and open them lazily: a file, a folder of frames, or several frames;
+    an :class:`~napari_microrestore.core.io.ImageData` is taken as is (its ``data`` read in
+    place, see :class:`ArraySource`)."""
+    if isinstance(inputs, io.ImageData):
+        return ArraySource(inputs.data, inputs.path or "in-memory array"), inputs
     paths = [Path(p) for p in inputs]
     if not paths:
         raise InputError("give at least one input file or folder")
@@ -244,7 +286,7 @@ def _sample_stats(data: Any, max_slices: int = 8, max_side: int = 512) -> tuple[
 class BatchJob:
     """Everything a worker needs to restore and write any block (small; paths, no arrays)."""
 
-    source: Source
+    source: Source | ArraySource         # ArraySource: only in this process (workers=0)
     output: str                          # the OUT.zarr folder
     card: ModelCard
     mode: str                            # "stream" | "stack"
@@ -536,7 +578,7 @@ class BatchPlan:
     attrs: dict
 
 
-def plan_batch(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
+def plan_batch(inputs: Sequence[str | os.PathLike] | io.ImageData, output: str | os.PathLike,
                model: str | ModelCard, *, device: str = "auto", block: Optional[int] = None,
                window: Optional[int] = None, register: bool = True,
                motion: str = "translation", tile: Optional[int] = None,
@@ -603,9 +645,13 @@ def plan_batch(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
         translation = (0.0,) * len(lead) + ((-0.5 + 0.5 / s) * py, (-0.5 + 0.5 / s) * px)
         job_kw = {"norm": _sample_stats(img.data)}
         params.update(block=b, halo=halo, normalisation=list(job_kw["norm"]))
-    spec = {"inputs": list(source.paths) if len(source.paths) <= 64 else
-            [source.paths[0], f"... {len(source.paths)} files", source.paths[-1]],
-            "inputs_sha256": hashlib.sha256("\n".join(source.paths).encode()).hexdigest(),
+    if isinstance(source, ArraySource):  # the pixels themselves identify an array
+        inputs_list, inputs_sha256 = [f"<{source.name}>"], source.digest()
+    else:
+        inputs_list = (list(source.paths) if len(source.paths) <= 64 else
+                       [source.paths[0], f"... {len(source.paths)} files", source.paths[-1]])
+        inputs_sha256 = hashlib.sha256("\n".join(source.paths).encode()).hexdigest()
+    spec = {"inputs": inputs_list, "inputs_sha256": inputs_sha256,
             "input_shape": list(shape), "input_dtype": str(img.data.dtype),
             "model": card.id, "weights_sha256": (card.weights or {}).get("sha256"),
             "mode": mode, "out_shape": list(out_shape), "chunks": list(chunks),
@@ -635,12 +681,12 @@ def prepare_output(plan: BatchPlan, *, overwrite: bool = False, verify: bool = F
         empty = out.is_dir() and not any(out.iterdir())
         if stored is None and not empty:
             raise InputError(f"{out} exists and is not a microrestore batch output; "
-                             "choose another -o")
+                             "choose another output")
         if overwrite or empty:
             shutil.rmtree(out)
         elif stored.get("fingerprint") != plan.job.fingerprint:
-            raise InputError(f"{out} was made with other inputs or settings; use --overwrite "
-                             "to replace it or choose another -o")
+            raise InputError(f"{out} was made with other inputs or settings; replace it "
+                             "(--overwrite) or choose another output")
     if not out.exists():
         _need("zarr")
         _create_output(out, plan.out_shape, plan.chunks, plan.attrs)
@@ -663,7 +709,7 @@ def _default_workers_threads(workers: Optional[int], threads: Optional[int],
     return workers, threads
 
 
-def run_batch(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
+def run_batch(inputs: Sequence[str | os.PathLike] | io.ImageData, output: str | os.PathLike,
               model: str | ModelCard, *, device: str = "auto", workers: Optional[int] = None,
               threads: Optional[int] = None, scheduler: Optional[str] = None,
               block: Optional[int] = None, window: Optional[int] = None, register: bool = True,
@@ -677,9 +723,13 @@ def run_batch(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
 
     Parameters
     ----------
+    inputs
+        Paths (a file, a folder of frames, several frames), or an
+        :class:`~napari_microrestore.core.io.ImageData` whose array is read in this process
+        (``workers`` 0 or left out; see :class:`ArraySource`).
     workers
         Local worker processes of an embedded ``LocalCluster`` (default: cores // 4, 1 with a
-        GPU); ``0`` runs the blocks in this process without Dask.
+        GPU; 0 for an array input); ``0`` runs the blocks in this process without Dask.
     threads
         torch threads per worker (default: cores // workers locally; left to the cluster's
         workers with ``scheduler``).
@@ -706,6 +756,13 @@ def run_batch(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
     job = plan.job
     if workers is not None and workers < 0:
         raise InputError(f"--workers must be 0 (in this process) or more; got {workers}")
+    if isinstance(job.source, ArraySource):
+        if scheduler is not None or workers:
+            raise InputError("an in-memory array can only be restored in this process (0 "
+                             "workers): Dask workers read their inputs from files")
+        workers = 0
+    if scheduler is not None or (workers or 0) > 0:  # say what is missing before writing
+        _need("distributed")
     if retries < 0:
         raise InputError(f"retries must be 0 or more; got {retries}")
     # local runs resolve the device here; a cluster's GPUs are found from its workers

@@ -22,6 +22,15 @@ records ``stream_window`` and gives ``reference`` / ``frames_used`` as stream fr
   yet are NaN (so they cannot be mistaken for restored zeros; napari leaves them blank). A
   cancelled or failed run keeps the frames done, with ``metadata["provenance"]["partial"]``
   True and ``frames_done`` listing them.
+* **Whole stream to OME-Zarr...** (burst models; streams too long for memory): the same
+  sliding window, run by :func:`napari_microrestore.engine.batch.run_batch` (the function of
+  ``microrestore batch`` and the cluster) block by block into an OME-Zarr folder the user
+  picks; the result is opened lazily (the plugin reader) as a new layer over the input, with
+  the batch provenance. A layer read from a file whole passes its path(s), so "Dask workers"
+  > 0 can run it on an embedded ``LocalCluster``; any other layer (in memory, a view of a
+  4-D+ layer) passes its frames, restored in this process. The status line counts the blocks
+  written; Cancel stops between frames, the blocks written stay recorded, and running the
+  same output again resumes with the rest (an output made with other settings is refused).
 * **Preview**: restores only the data pixels in view (the camera's view of the canvas) or the
   bounding box of the selected (else all) shapes of a Shapes layer, computed with ``margin``
   more pixels on every side (room for registration shifts and the net's receptive field) and
@@ -47,6 +56,8 @@ world coordinates.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -56,6 +67,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -68,10 +80,13 @@ from qtpy.QtWidgets import (
 )
 
 from ...core.errors import CancelToken, InputError, ProgressCallback
+from ...core.io import ImageData
+from ...engine import batch as engine_batch
 from ...engine import restore as engine
 from ...engine import stream as engine_stream
 from ...models.zoo import ModelCard, list_cards
 from .._geometry import Box, BurstWindow, pixel_box, view_corners
+from .._reader import read_layers
 from ..scheduler import Job, Scheduler, Task, available_devices, get_scheduler
 from ._common import (
     WINDOWS,
@@ -218,6 +233,19 @@ class RestoreWidget(QWidget):
         self.margin_spin.setToolTip("Preview: extra pixels around the region for registration "
                                     "shifts and the net's receptive field (cropped away)")
         self.live_check = QCheckBox("live: restore the frame in view as the slider moves")
+        self.workers_spin = QSpinBox()
+        self.workers_spin.setRange(0, 256)
+        self.workers_spin.setSpecialValueText("0 (in napari)")
+        self.workers_spin.setToolTip("Whole stream to OME-Zarr: worker processes of an embedded "
+                                     "Dask LocalCluster (needs the [batch] extra and a stream "
+                                     "read from a file); 0 runs it in napari")
+        self.zarr_block_spin = QSpinBox()
+        self.zarr_block_spin.setRange(0, 4096)
+        self.zarr_block_spin.setSpecialValueText("auto")
+        self.zarr_block_spin.setSuffix(" frames")
+        self.zarr_block_spin.setToolTip("Whole stream to OME-Zarr: output frames per block (the "
+                                        "unit that is written, recorded and resumed); auto: up "
+                                        "to 16 frames, 256 MB")
         self.panel = JobPanel(self.scheduler, "Restore")
         self.panel.run_button.clicked.connect(self.run)
         self.stream_button = self.panel.add_button("Whole stream")
@@ -226,6 +254,10 @@ class RestoreWidget(QWidget):
         self.preview_button = self.panel.add_button("Preview")
         self.preview_button.setToolTip("Restore only the region in view (or the shapes)")
         self.preview_button.clicked.connect(self.preview)
+        self.zarr_button = self.panel.add_button("Whole stream to OME-Zarr...")
+        self.zarr_button.setToolTip("Restore every frame of a stream too long for memory into "
+                                    "an OME-Zarr folder, block by block (resumable)")
+        self.zarr_button.clicked.connect(self.choose_zarr)
         self.device_label = QLabel("ran on: -")
         self.live_label = QLabel("")
         self.side_button = QPushButton("Side by side")
@@ -261,6 +293,8 @@ class RestoreWidget(QWidget):
         form.addRow("preview region", self.region_combo)
         form.addRow("margin", self.margin_spin)
         form.addRow(self.live_check)
+        form.addRow("Dask workers", self.workers_spin)
+        form.addRow("zarr block", self.zarr_block_spin)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.panel)
@@ -279,6 +313,7 @@ class RestoreWidget(QWidget):
         self.device_combo.currentIndexChanged.connect(self._save_settings)
         self.register_check.toggled.connect(self._save_settings)
         self.margin_spin.valueChanged.connect(self._save_settings)
+        self.workers_spin.valueChanged.connect(self._save_settings)
         self.live_check.toggled.connect(self._live_toggled)
         self.viewer.layers.events.removed.connect(self._layer_removed)
         connect_while_alive(self, self.viewer.dims.events.current_step, self._on_step)
@@ -304,6 +339,7 @@ class RestoreWidget(QWidget):
         self.frames_spin.setValue(self.settings.get("frames", 1))
         self.margin_spin.setValue(self.settings.get("margin", DEFAULT_MARGIN))
         self.live_check.setChecked(self.settings.get("live", False))
+        self.workers_spin.setValue(self.settings.get("zarr_workers", 0))
 
     def _save_settings(self, *_: Any) -> None:
         card = self.card()
@@ -316,6 +352,7 @@ class RestoreWidget(QWidget):
         self.settings.set("frames", self.frames_spin.value())
         self.settings.set("margin", self.margin_spin.value())
         self.settings.set("live", self.live_check.isChecked())
+        self.settings.set("zarr_workers", self.workers_spin.value())
 
     # ---- choices -------------------------------------------------------------------------
     def card(self) -> Optional[ModelCard]:
@@ -361,7 +398,7 @@ class RestoreWidget(QWidget):
         burst = bool(card and card.is_burst)
         sstem = bool(card and card.task == "sstem")
         for widget in (self.reference_spin, self.register_check, self.frames_spin,
-                       self.live_check):
+                       self.live_check, self.workers_spin, self.zarr_block_spin):
             widget.setEnabled(burst)
         for widget in (self.sections_edit, self.masks_combo):
             widget.setEnabled(sstem)
@@ -381,6 +418,7 @@ class RestoreWidget(QWidget):
         ready = card is not None and layer is not None
         self.panel.set_runnable(ready)
         self.panel.set_runnable(ready and card.is_burst, self.stream_button)
+        self.panel.set_runnable(ready and card.is_burst, self.zarr_button)
         self.panel.set_runnable(ready, self.preview_button)
         self._show_window()
 
@@ -506,6 +544,67 @@ class RestoreWidget(QWidget):
         task = Task(f"Restore the stream {layer.name} with {card.id}",
                     engine_stream.restore_stream, kwargs)
         self.panel.submit(task, movie.finish, on_update=movie.add, on_done=movie.end)
+
+    # ---- whole stream to OME-Zarr ---------------------------------------------------------
+    def choose_zarr(self) -> None:
+        """Ask for the output folder (new, or an earlier output to resume), then
+        :meth:`run_to_zarr`."""
+        card, layer = self.card(), self.layer_combo.layer()
+        if card is None or layer is None:
+            return
+        src = layer.metadata.get("source_path")   # beside the input file or folder
+        start = Path(src).parent if src else Path.cwd()
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Restore the whole stream into OME-Zarr",
+            str(start / f"{layer.name}_restored_{card.id}.zarr"), "OME-Zarr folder (*.zarr)",
+            options=QFileDialog.Option.DontConfirmOverwrite)   # an existing one resumes
+        if not path:
+            return
+        self.run_to_zarr(path if path.lower().endswith(".zarr") else path + ".zarr")
+
+    def run_to_zarr(self, output: str | Path) -> Optional[Job]:
+        """Restore every frame of the stream, each from its window, into the OME-Zarr folder
+        ``output`` with :func:`engine.batch.run_batch` (resuming an earlier run there), then
+        open it lazily as a layer. Bad choices surface as one error notification."""
+        card, layer = self.card(), self.layer_combo.layer()
+        if card is None or layer is None or not card.is_burst:
+            return None
+        if layer.ndim < 3:
+            show_error(f"layer {layer.name!r} is not a stream: it has shape "
+                       f"{tuple(layer.data.shape)}; whole-stream restore needs (T, Y, X) frames")
+            return None
+        window = self.window(layer, card=card)
+        try:
+            inputs = self._batch_inputs(layer, window.axis)
+        except InputError as exc:
+            show_error(str(exc))
+            return None
+        kwargs = {"inputs": inputs, "output": str(output),
+                  "model": card, "device": self.device_combo.currentText(),
+                  "workers": self.workers_spin.value(),
+                  "block": self.zarr_block_spin.value() or None, "window": window.size,
+                  "register": self.register_check.isChecked()}
+        run = _ZarrRun(self.viewer, layer, card, window.axis, self.panel)
+        task = Task(f"Restore the stream {layer.name} with {card.id} into {Path(output).name}",
+                    engine_batch.run_batch, kwargs)
+        return self.panel.submit(task, run.finish, on_update=run.add, on_done=run.end)
+
+    def _batch_inputs(self, layer: Layer, axis: int) -> Sequence[str] | ImageData:
+        """What :func:`engine.batch.run_batch` reads: the file(s) of a layer that is a whole
+        (T, Y, X) stream read by this plugin (so Dask workers can open them), else the layer's
+        frames along ``axis`` (a lazy view: nothing is read here) with their pixel size."""
+        meta = layer.metadata
+        path = meta.get("source_path")
+        if path and layer.ndim == 3 and axis == 0 and meta.get("axes") in ("TYX", "ZYX"):
+            frames = meta.get("frames")
+            if meta.get("format") == "tiff-frames" and frames:
+                return [str(Path(path) / name) for name in frames]
+            return [str(path)]
+        yx = [_size_nm(layer.scale[a], layer.units[a]) for a in (-2, -1)]
+        calibrated = None not in yx
+        return ImageData(layer_stream(self.viewer, layer, axis), "TYX",
+                         (1.0, *yx) if calibrated else None, "nm" if calibrated else None,
+                         {"layer": layer.name})
 
     # ---- preview -------------------------------------------------------------------------
     def region_box(self, layer: Layer) -> Box:
@@ -642,6 +741,65 @@ class RestoreWidget(QWidget):
             self.side_button.blockSignals(False)
             self.side_button.setEnabled(False)
             self._pair = None
+
+
+def _size_nm(scale: float, unit: Any) -> Optional[float]:
+    """A napari layer's pixel size ``scale`` in (pint) ``unit`` as nm, or ``None`` when the
+    unit is not a length (napari's default ``pixel``)."""
+    try:
+        return float(f"{(float(scale) * unit).to('nm').magnitude:.12g}")
+    except (TypeError, ValueError, AttributeError):   # pint's DimensionalityError: TypeError
+        return None
+
+
+class _ZarrRun:
+    """Follows a whole-stream-to-OME-Zarr run on the GUI thread: blocks written in the status
+    line, the output opened lazily as a layer at the end, what a cancel leaves behind."""
+
+    def __init__(self, viewer: napari.Viewer, source: Image, card: ModelCard, axis: int,
+                 panel: JobPanel) -> None:
+        self.viewer = viewer
+        self.source = source
+        self.card = card
+        self.axis = axis
+        self.panel = panel
+        self.blocks: list[engine_batch.BlockDone] = []
+        self.layer: Optional[Image] = None
+
+    def add(self, done: Any) -> None:
+        """One :class:`~napari_microrestore.engine.batch.BlockDone`: say how far the run is."""
+        if isinstance(done, engine_batch.BlockDone):
+            self.blocks.append(done)
+            self.panel.status.setText(f"block {done.done}/{done.total} written")
+
+    def finish(self, summary: engine_batch.BatchSummary) -> None:
+        """Open the output lazily as a layer over the input, with the batch provenance; blocks
+        that failed (after retries) are left NaN and reported."""
+        [(data, kwargs, _)] = read_layers(summary.output)
+        meta = kwargs["metadata"]
+        prov = {**meta.get("microrestore", {}).get("provenance", {}),
+                "operation": "restore stream to OME-Zarr", "output": summary.output,
+                "source": source_info(self.source), "partial": not summary.complete,
+                "blocks": {"total": summary.blocks_total, "done": summary.blocks_done,
+                           "skipped": summary.blocks_skipped,
+                           "failed": [f.index for f in summary.failures]}}
+        placed = spatial_kwargs(self.source, 3, axes=[self.axis, self.source.ndim - 2,
+                                                      self.source.ndim - 1])
+        self.layer = self.viewer.add_image(
+            data, name=kwargs["name"], colormap=self.source.colormap.name,
+            metadata={**meta, "provenance": prov, "source_layer": self.source.name}, **placed)
+        if summary.failures:
+            first = summary.failures[0]
+            show_error(f"{len(summary.failures)} of {summary.blocks_total} blocks of "
+                       f"{Path(summary.output).name} failed (block {first.index}: "
+                       f"{first.reason}); run it again to retry them")
+
+    def end(self, job: Job) -> None:
+        """After a cancel: the blocks written stay recorded, and a re-run resumes."""
+        if job.state == "cancelled":
+            self.panel.status.setText(
+                f"cancelled after {len(self.blocks)} block{'s' if len(self.blocks) != 1 else ''}"
+                ", which stay recorded: run the same output again to resume")
 
 
 class _Movie:
