@@ -380,8 +380,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     res = train(cfg, workdir, max_minutes=args.max_minutes, on_update=show, export_dir=export,
                 device=args.device)
     if res.card is not None:
-        print(f"best step {res.best['step']} (val SSIM {res.best['ssim']:.4f}); "
-              f"exported {res.card.id} -> {res.card.path}")
+        select = str(cfg["train"].get("select", "ssim"))
+        print(f"best step {res.best['step']} (val {select.upper()} {res.best[select]:.4f}, "
+              f"the score train.select picks by); exported {res.card.id} -> {res.card.path}")
     return 0
 
 

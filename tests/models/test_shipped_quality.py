@@ -10,6 +10,10 @@ from napari_microrestore.models.zoo import list_cards
 
 pytest.importorskip("torch")
 
+# sr2x at 20 counts/px: the card says +2.03 dB on the whole validation split; these four
+# crops (two ssTEM, two confocal) gave +1.47 dB when the weights were shipped
+SR2X_FLOOR_DB = 1.0
+
 BURST_MODELS = [c.id for c in list_cards() if c.is_burst and not c.is_classical and c.source == "zoo"]
 
 
@@ -61,3 +65,25 @@ def test_sstem_model_restores_missing_and_damaged_sections(shared_data):
                           - metrics.psnr(damaged, truth, border=24))
     assert np.mean(gains_missing) > 0.0, gains_missing
     assert np.mean(gains_fold) > 0.0, gains_fold
+
+
+@pytest.mark.data
+def test_sr2x_model_beats_bicubic_on_held_out_sections(shared_data):
+    """Low dose (20 counts/px), where denoising is worth the most: the shipped sr2x model
+    beats bicubic up-sampling on held-out ssTEM and confocal crops (the card's protocol)."""
+    import cv2
+
+    if "sr2x" not in [c.id for c in list_cards()]:
+        pytest.skip("no shipped sr2x model")
+    rng = np.random.default_rng(11)
+    gains = []
+    for src in ("sstem/isbi2012_train_volume.tif", "fluorescence/cells3d_nuclei_zstack.tif"):
+        for img in load_sections([src], split="val", root=shared_data)[:2]:
+            hr = img[:192, :192] + 1.0
+            lr = degrade.poisson_gaussian_noise(degrade.downsample2x(hr), 20.0, rng=rng)
+            out = restore(lr, "sr2x", device="cpu").image
+            assert out.shape == hr.shape and out.dtype == np.float32
+            bic = cv2.resize(lr, (192, 192), interpolation=cv2.INTER_CUBIC)
+            gains.append(metrics.compare(out, hr, fit=True, border=24)["psnr"]
+                         - metrics.compare(bic, hr, fit=True, border=24)["psnr"])
+    assert np.mean(gains) > SR2X_FLOOR_DB, gains

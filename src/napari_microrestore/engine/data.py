@@ -171,32 +171,71 @@ class BurstSampler:
 
 
 class SR2xSampler:
-    """Joint denoising + 2x super-resolution: a clean crop is down-sampled 2x (2x2 area mean,
-    a detector with pixels twice as large) and recorded with Poisson noise at a dose drawn
-    from ``dose``; the target is the clean crop. Base: bicubic up-sampling of the input."""
+    """Joint denoising + 2x super-resolution pairs made from real sections.
+
+    A clean crop (the target, ``2P x 2P``) is optionally blurred by a small Gaussian PSF, 2x2
+    binned (:func:`core.degrade.downsample2x`, ``"area"``: a detector with pixels twice as
+    large) and recorded with Poisson noise at a mean dose drawn log-uniformly from ``dose``
+    (counts per input pixel), plus Gaussian read noise drawn from ``read_noise`` (counts).
+    The target is the crop in the same units (counts) as the noisy input, and both are
+    normalised by the input's mean / std. Base: bicubic up-sampling of the input, the
+    baseline the model card compares with.
+
+    Pixel grid: input pixel ``i`` covers target pixels ``2i`` and ``2i + 1``, so it is centred
+    at target coordinate ``2i + 0.5``: the convention of ``cv2.resize`` and of
+    ``F.interpolate(..., align_corners=False)`` (the net's residual path), so no half-pixel
+    shift between input, base, net and target.
+
+    Config (``data``): ``sources``, ``val_fraction``, ``patch`` (input px), ``dose``
+    ``[lo, hi]``, ``read_noise`` ``[lo, hi]`` (default none), ``blur`` ``[lo, hi]`` (PSF sigma
+    in target px, default none) applied with probability ``blur_p``. Each sample picks a
+    source first, then a section, so a stack of many small sections does not outweigh one of
+    a few large ones. Wider noise and blur ranges than the validation protocol's are meant to
+    make the model generalise to real data whose degradation is not known exactly.
+    """
 
     burst = False
 
     def __init__(self, data_cfg: dict, split: str):
-        self.sections = load_sections(data_cfg["sources"], split=split,
-                                      val_fraction=data_cfg.get("val_fraction", 0.2))
+        frac = data_cfg.get("val_fraction", 0.2)
+        self.stacks = [load_sections([src], split=split, val_fraction=frac)
+                       for src in data_cfg["sources"]]
         self.patch = int(data_cfg.get("patch", 48))
-        self.dose = tuple(data_cfg.get("dose", (20.0, 200.0)))
+        self.dose = _range(data_cfg.get("dose", (20.0, 200.0)), "dose", positive=True)
+        self.read_noise = _range(data_cfg.get("read_noise", (0.0, 0.0)), "read_noise")
+        self.blur = _range(data_cfg.get("blur", (0.0, 0.0)), "blur")
+        self.blur_p = float(data_cfg.get("blur_p", 0.0))
 
     def sample(self, rng: np.random.Generator) -> dict:
         import cv2
 
         p = self.patch
-        img = self.sections[int(rng.integers(len(self.sections)))]
+        sections = self.stacks[int(rng.integers(len(self.stacks)))]
+        img = sections[int(rng.integers(len(sections)))]
         hr = _augment(_crop(img, 2 * p, 2 * p, rng), rng).astype(np.float32) + 1.0
-        clean_lr = degrade.downsample2x(hr)
-        dose = float(rng.uniform(*self.dose))
-        lr = degrade.poisson_gaussian_noise(clean_lr, dose, rng=rng)
+        seen = hr
+        if self.blur[1] > 0 and rng.random() < self.blur_p:
+            seen = cv2.GaussianBlur(hr, (0, 0), float(rng.uniform(*self.blur)),
+                                    borderType=cv2.BORDER_REFLECT)
+        clean_lr = degrade.downsample2x(seen)
+        dose = float(np.exp(rng.uniform(np.log(self.dose[0]), np.log(self.dose[1]))))
+        lr = degrade.poisson_gaussian_noise(clean_lr, dose, rng=rng,
+                                            read_noise=float(rng.uniform(*self.read_noise)))
         # the target in the same units (counts) as the noisy input
         x, y, _, _ = _norm_pair(lr, hr * (dose / float(clean_lr.mean())))
         base = cv2.resize(x, (2 * p, 2 * p), interpolation=cv2.INTER_CUBIC)
         return {"x": x[None], "y": y[None], "mask": np.ones((1, 2 * p, 2 * p), np.float32),
                 "base": base}
+
+
+def _range(value, name: str, positive: bool = False) -> tuple[float, float]:
+    """A ``[lo, hi]`` config range as two floats (a single number is ``[v, v]``)."""
+    lo, hi = (value, value) if np.isscalar(value) else tuple(value)
+    lo, hi = float(lo), float(hi)
+    if not (0 <= lo <= hi) or (positive and lo <= 0):
+        raise InputError(f"data.{name} must be [lo, hi] with {'0 <' if positive else '0 <='} "
+                         f"lo <= hi; got {value!r}")
+    return lo, hi
 
 
 def load_defocus_pairs(root: Optional[Path] = None) -> list[tuple[np.ndarray, np.ndarray, float]]:

@@ -17,6 +17,9 @@ Config (``configs/*.yaml``)::
     train: {steps: 3000, batch: 8, lr: 0.001, seed: 0, loss: {l1: 1.0, ssim: 1.0},
             val_every: 250, val_bursts: 32, checkpoint_every: 100, threads: 2}
 
+``train.select`` (``ssim`` or ``psnr``, default ``ssim``) is the validation score that picks
+the best checkpoint.
+
 Checkpoints (``<workdir>/last.pt``, ``best.pt``) hold the model, optimiser, step, the best
 validation SSIM and the RNG state; they are written atomically, read back with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling), and a rerun resumes from
@@ -177,7 +180,12 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
     lr_min = float(tcfg.get("lr_min_fraction", 0.05))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_min + (1 - lr_min) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    step, best = 0, {"ssim": -1.0, "step": 0}
+    # the validation score that picks the exported checkpoint ("ssim", as Wieslander et al.,
+    # or "psnr" where the card's quality floor is a PSNR gain, e.g. sr2x)
+    select = str(tcfg.get("select", "ssim"))
+    if select not in ("ssim", "psnr"):
+        raise InputError(f"train.select must be 'ssim' or 'psnr'; got {select!r}")
+    step, best = 0, {select: -math.inf, "step": 0}
     history: list = []
     rng = np.random.default_rng(seed)
     last = workdir / "last.pt"
@@ -227,7 +235,7 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
         if step % val_every == 0 or step == steps:
             upd.val = evaluate_net(net, val, device=device)
             history.append({"step": step, **upd.val, "loss": upd.loss})
-            if upd.val["ssim"] > best["ssim"]:
+            if upd.val[select] > best.get(select, -math.inf):
                 best = {"step": step, **upd.val}
                 checkpoint(workdir / "best.pt")
         if step % ck_every == 0 or step == steps:
