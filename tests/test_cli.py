@@ -183,3 +183,22 @@ def test_console_script_entry_point(tmp_path):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "nope.tif" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_napari_command_starts_napari_with_one_malloc_arena(monkeypatch):
+    import os
+    import shutil
+
+    calls = []
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/opt/bin/{name}")
+    monkeypatch.setattr(os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
+    assert cli.main(["napari", "stack.tif", "--plugin", "napari-microrestore"]) == 0
+    (exe, argv, env), = calls
+    assert exe == "/opt/bin/napari"
+    assert argv == [exe, "stack.tif", "--plugin", "napari-microrestore"]
+    assert env["MALLOC_ARENA_MAX"] == "1"
+    # a user's own setting wins
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    cli.main(["napari"])
+    assert calls[-1][2]["MALLOC_ARENA_MAX"] == "4"
