@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from napari.layers import Image, Layer
 from psygnal import Signal
-from qtpy.QtCore import QSettings
+from qtpy.QtCore import QSettings, Qt
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ...models.zoo import ModelCard, list_cards
 from .._geometry import BurstWindow, nearest_index, stream_view
 from ..scheduler import Job, Progress, Scheduler, Task
 
@@ -99,6 +100,88 @@ class LayerComboBox(QComboBox):
         self.setCurrentIndex(index if index >= 0 else self.count() - 1)
         if index < 0:
             self.currentIndexChanged.emit(self.currentIndex())
+
+
+def card_text(card: ModelCard) -> str:
+    """Plain-text description of a model card: task, inputs, training data, metrics."""
+    row = card.summary()
+    lines = [card.title or card.id,
+             f"id: {card.id} ({'shipped' if card.source == 'zoo' else 'your model'})",
+             f"task: {card.task}", f"inputs: {row['inputs']}, scale {row['scale']}x",
+             f"training data: {row['training data']}"]
+    licence = card.training.get("licence")
+    if licence:
+        lines.append(f"licence: {licence}")
+    lines.append(f"metrics: {row['metrics']}")
+    if isinstance(card.metrics, dict) and card.metrics.get("command"):
+        lines.append(f"measured with: {card.metrics['command']}")
+    if card.description:
+        lines.append("")
+        lines.append(" ".join(card.description.split()))
+    return "\n".join(lines)
+
+
+class ModelComboBox(QComboBox):
+    """The model cards of the zoo and the user's folder that pass ``accept``, each with its
+    card text (task, training data, metrics) as tooltip."""
+
+    def __init__(self, accept: Callable[[ModelCard], bool] = lambda card: True, *,
+                 prefer: Optional[str] = None, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self._accept = accept
+        self._prefer = prefer
+
+    def card(self) -> Optional[ModelCard]:
+        return self.currentData()
+
+    def refresh(self) -> None:
+        """List the cards again, keeping the chosen model if it is still there (else the
+        preferred one, else the first). No signal is emitted: callers update themselves."""
+        current = self.card()
+        self.blockSignals(True)
+        self.clear()
+        for card in list_cards():
+            if self._accept(card):
+                self.addItem(f"{card.id}  [{card.task}]", card)
+                self.setItemData(self.count() - 1, card_text(card), Qt.ItemDataRole.ToolTipRole)
+        ids = [self.itemData(i).id for i in range(self.count())]
+        for wanted in (current.id if current else None, self._prefer):
+            if wanted in ids:
+                self.setCurrentIndex(ids.index(wanted))
+                break
+        else:
+            self.setCurrentIndex(0 if ids else -1)
+        self.blockSignals(False)
+
+    def set_model(self, model_id: str) -> None:
+        """Choose the model with this id."""
+        for i in range(self.count()):
+            if self.itemData(i).id == model_id:
+                self.setCurrentIndex(i)
+                return
+        raise ValueError(f"model {model_id!r} is not listed")
+
+
+class DeviceComboBox(QComboBox):
+    """``auto`` and ``cpu`` until :meth:`set_devices` gets the full list, which
+    :func:`~napari_microrestore._napari.scheduler.available_devices` makes in the scheduler
+    (it imports torch, which the GUI thread never does)."""
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.addItems(["auto", "cpu"])
+        self.setToolTip("auto: CUDA if present, else Apple MPS, else CPU")
+
+    def set_devices(self, devices: list[str], wanted: Optional[str] = None) -> None:
+        """Offer ``devices``, choosing ``wanted`` if listed, else the current choice if
+        listed, else ``auto`` (without emitting signals)."""
+        current = self.currentText()
+        choice = next((d for d in (wanted, current) if d in devices), "auto")
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(devices)
+        self.setCurrentText(choice)
+        self.blockSignals(False)
 
 
 class FrameSpinBox(QSpinBox):

@@ -40,17 +40,18 @@ from qtpy.QtWidgets import (
 
 from ...core.errors import CancelToken
 from ...engine import finetune as engine
-from ...models.zoo import ModelCard, list_cards
+from ...models.zoo import ModelCard
 from ..scheduler import Scheduler, Task, available_devices, get_scheduler
 from ._common import (
+    DeviceComboBox,
     FrameSpinBox,
     JobPanel,
     LayerComboBox,
+    ModelComboBox,
     is_plain_image,
     spatial_kwargs,
     unwrap,
 )
-from .restore import card_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari.layers import Image, Layer
@@ -145,7 +146,9 @@ class FinetuneWidget(QWidget):
         self._unit = ""
         self._suggested_id = ""
 
-        self.model_combo = QComboBox()
+        self.model_combo = ModelComboBox(
+            lambda card: card.task in engine.SUPPORTED_TASKS and not card.is_classical,
+            prefer="tem-burst-fast")
         self.layer_combo = LayerComboBox(napari_viewer, accept=_is_burst_layer)
         self.reference_spin = FrameSpinBox()
         self.mode_combo = QComboBox()
@@ -165,8 +168,7 @@ class FinetuneWidget(QWidget):
         self.patch_spin.setSingleStep(8)
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 256)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu"])
+        self.device_combo = DeviceComboBox()
         self.panel = JobPanel(self.scheduler, "Fine-tune")
         self.panel.run_button.clicked.connect(self.run)
         self.adapt_button = self.panel.add_button("Adapt BN statistics")
@@ -222,7 +224,7 @@ class FinetuneWidget(QWidget):
 
     # ---- choices -------------------------------------------------------------------------
     def card(self) -> Optional[ModelCard]:
-        return self.model_combo.currentData()
+        return self.model_combo.card()
 
     def mode(self) -> str:
         return _MODES[self.mode_combo.currentText()]
@@ -233,25 +235,11 @@ class FinetuneWidget(QWidget):
 
     def refresh_models(self) -> None:
         """List the fine-tunable models (burst networks of the zoo and the user's folder)."""
-        current = self.card()
-        self.model_combo.clear()
-        for card in list_cards():
-            if card.task in engine.SUPPORTED_TASKS and not card.is_classical:
-                self.model_combo.addItem(f"{card.id}  [{card.task}]", card)
-                self.model_combo.setItemData(self.model_combo.count() - 1, card_text(card),
-                                             Qt.ItemDataRole.ToolTipRole)
-        ids = [self.model_combo.itemData(i).id for i in range(self.model_combo.count())]
-        if current is not None and current.id in ids:
-            self.model_combo.setCurrentIndex(ids.index(current.id))
-        elif "tem-burst-fast" in ids:
-            self.model_combo.setCurrentIndex(ids.index("tem-burst-fast"))
+        self.model_combo.refresh()
+        self._update_runnable()
 
     def set_model(self, model_id: str) -> None:
-        for i in range(self.model_combo.count()):
-            if self.model_combo.itemData(i).id == model_id:
-                self.model_combo.setCurrentIndex(i)
-                return
-        raise ValueError(f"model {model_id!r} is not listed")
+        self.model_combo.set_model(model_id)
 
     def set_preset(self, name: str) -> None:
         """Fill budget, patch and batch from a preset of ``engine.finetune.PRESETS``."""
@@ -261,11 +249,9 @@ class FinetuneWidget(QWidget):
         self.batch_spin.setValue(preset["batch"])
 
     def _set_devices(self, devices: list[str]) -> None:
-        current = self.device_combo.currentText()
-        self.device_combo.clear()
-        self.device_combo.addItems(devices)
-        self.device_combo.setCurrentText(current if current in devices else "auto")
-        if any(d.startswith("cuda") for d in devices) and current == "auto":
+        auto = self.device_combo.currentText() == "auto"
+        self.device_combo.set_devices(devices)
+        if auto and any(d.startswith("cuda") for d in devices):
             self.preset_combo.setCurrentText("GPU")   # "auto" will pick the GPU
 
     def _layer_changed(self, _index: int = 0) -> None:

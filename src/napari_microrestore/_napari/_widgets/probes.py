@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -33,14 +32,21 @@ from qtpy.QtWidgets import (
 
 from ...core.probes import PROBES
 from ...engine import probe as engine
-from ...models.zoo import ModelCard, list_cards
+from ...models.zoo import ModelCard
 from ..scheduler import Scheduler, Task, available_devices, get_scheduler
-from ._common import JobPanel, LayerComboBox, spatial_kwargs
-from .restore import card_text
+from ._common import (
+    DeviceComboBox,
+    JobPanel,
+    LayerComboBox,
+    ModelComboBox,
+    card_text,
+    spatial_kwargs,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    import napari
     from napari.layers import Image
+
+    import napari
 
 _GAP = 1.05                      # side-by-side spacing, in image widths
 _COLUMNS = (("PSNR (dB)", "psnr", "{:.2f}"), ("SSIM", "ssim", "{:.3f}"),
@@ -94,11 +100,11 @@ class ProbesWidget(QWidget):
         self.frames_spin = QSpinBox()
         self.frames_spin.setRange(2, 16)
         self.frames_spin.setValue(5)
-        self.model_combo = QComboBox()
+        # the models a probe can test (burst, defocus and 2x models; not ssTEM ones)
+        self.model_combo = ModelComboBox(lambda card: card.task in engine.PROBE_TASKS)
         self.card_view = QTextBrowser()
         self.card_view.setMaximumHeight(120)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu"])
+        self.device_combo = DeviceComboBox()
         self.residual_check = QCheckBox("add a residual layer (restored - truth)")
         self.panel = JobPanel(self.scheduler, "Run probe")
         self.panel.run_button.clicked.connect(self.run)
@@ -135,37 +141,19 @@ class ProbesWidget(QWidget):
 
         self.model_combo.currentIndexChanged.connect(self._update_controls)
         self.like_combo.currentIndexChanged.connect(self._update_controls)
-        self._list_models()
+        self.model_combo.refresh()
+        self._update_controls()
         self.like_combo.set_layer(None)
         self.device_job = self.scheduler.submit(Task("List devices", available_devices),
-                                                on_result=self.panel.guard(self._set_devices))
+                                                on_result=self.panel.guard(self.device_combo.set_devices))
 
     # ---- choices -------------------------------------------------------------------------
     def card(self) -> Optional[ModelCard]:
-        return self.model_combo.currentData()
+        return self.model_combo.card()
 
     def set_model(self, model_id: str) -> None:
         """Choose the model with this id."""
-        for i in range(self.model_combo.count()):
-            if self.model_combo.itemData(i).id == model_id:
-                self.model_combo.setCurrentIndex(i)
-                return
-        raise ValueError(f"model {model_id!r} is not listed")
-
-    def _list_models(self) -> None:
-        """The models a probe can test (burst, defocus and 2x models; not ssTEM ones)."""
-        for card in list_cards():
-            if card.task in engine.PROBE_TASKS:
-                self.model_combo.addItem(f"{card.id}  [{card.task}]", card)
-                self.model_combo.setItemData(self.model_combo.count() - 1, card_text(card),
-                                             Qt.ItemDataRole.ToolTipRole)
-        self._update_controls()
-
-    def _set_devices(self, devices: list[str]) -> None:
-        current = self.device_combo.currentText()
-        self.device_combo.clear()
-        self.device_combo.addItems(devices)
-        self.device_combo.setCurrentText(current if current in devices else "auto")
+        self.model_combo.set_model(model_id)
 
     def _update_controls(self, _index: int = 0) -> None:
         card = self.card()

@@ -63,10 +63,9 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 from napari.layers import Labels, Shapes
 from napari.utils.notifications import show_error
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
-    QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -84,19 +83,22 @@ from ...core.io import ImageData
 from ...engine import batch as engine_batch
 from ...engine import restore as engine
 from ...engine import stream as engine_stream
-from ...models.zoo import ModelCard, list_cards
+from ...models.zoo import ModelCard
 from .._geometry import Box, BurstWindow, pixel_box, view_corners
 from .._reader import read_layers
 from ..scheduler import Job, Scheduler, Task, available_devices, get_scheduler
 from ._common import (
     WINDOWS,
+    DeviceComboBox,
     FrameSpinBox,
     JobPanel,
     LayerComboBox,
+    ModelComboBox,
     Settings,
     WindowRequest,
     _Lifetime,
     cancel_jobs_on_quit,
+    card_text,
     connect_while_alive,
     current_indices,
     layer_stream,
@@ -106,8 +108,9 @@ from ._common import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    import napari
     from napari.layers import Image, Layer
+
+    import napari
 
 DEBOUNCE_MS = 50      # live mode: wait this long after the last slider move
 DEFAULT_MARGIN = 32   # preview: extra pixels on every side of the region
@@ -168,25 +171,6 @@ def restore_region(data: Any, model: ModelCard, *, start: Optional[int] = None,
     return res
 
 
-def card_text(card: ModelCard) -> str:
-    """Plain-text description of a model card: task, inputs, training data, metrics."""
-    row = card.summary()
-    lines = [card.title or card.id,
-             f"id: {card.id} ({'shipped' if card.source == 'zoo' else 'your model'})",
-             f"task: {card.task}", f"inputs: {row['inputs']}, scale {row['scale']}x",
-             f"training data: {row['training data']}"]
-    licence = card.training.get("licence")
-    if licence:
-        lines.append(f"licence: {licence}")
-    lines.append(f"metrics: {row['metrics']}")
-    if isinstance(card.metrics, dict) and card.metrics.get("command"):
-        lines.append(f"measured with: {card.metrics['command']}")
-    if card.description:
-        lines.append("")
-        lines.append(" ".join(card.description.split()))
-    return "\n".join(lines)
-
-
 class RestoreWidget(QWidget):
     """Model picker (with each card's task, training data and metrics), device, input layer,
     burst window, ssTEM sections and masks; Run / Whole stream / Preview / Cancel with a
@@ -198,15 +182,13 @@ class RestoreWidget(QWidget):
         self.viewer = napari_viewer
         self.scheduler = scheduler or get_scheduler()
         self.settings = Settings("restore")
-        self.model_combo = QComboBox()
+        self.model_combo = ModelComboBox()
         self.refresh_button = QPushButton("Refresh")
         self.refresh_button.setToolTip("List the models again (e.g. one you just fine-tuned)")
         self.refresh_button.clicked.connect(self.refresh_models)
         self.card_view = QTextBrowser()
         self.card_view.setMaximumHeight(160)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu"])
-        self.device_combo.setToolTip("auto: CUDA if present, else Apple MPS, else CPU")
+        self.device_combo = DeviceComboBox()
         self.layer_combo = LayerComboBox(napari_viewer)
         self.reference_spin = FrameSpinBox()
         self.frames_spin = QSpinBox()
@@ -356,40 +338,20 @@ class RestoreWidget(QWidget):
 
     # ---- choices -------------------------------------------------------------------------
     def card(self) -> Optional[ModelCard]:
-        return self.model_combo.currentData()
+        return self.model_combo.card()
 
     def refresh_models(self) -> None:
         """List the zoo's and the user's model cards (keeping the chosen model if it is
         still there)."""
-        current = self.card()
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        for card in list_cards():
-            self.model_combo.addItem(f"{card.id}  [{card.task}]", card)
-            self.model_combo.setItemData(self.model_combo.count() - 1, card_text(card),
-                                         Qt.ItemDataRole.ToolTipRole)
-        ids = [self.model_combo.itemData(i).id for i in range(self.model_combo.count())]
-        self.model_combo.setCurrentIndex(ids.index(current.id) if current and current.id in ids
-                                         else 0)
-        self.model_combo.blockSignals(False)
+        self.model_combo.refresh()
         self._model_changed()
 
     def set_model(self, model_id: str) -> None:
         """Choose the model with this id."""
-        for i in range(self.model_combo.count()):
-            if self.model_combo.itemData(i).id == model_id:
-                self.model_combo.setCurrentIndex(i)
-                return
-        raise ValueError(f"model {model_id!r} is not listed")
+        self.model_combo.set_model(model_id)
 
     def _set_devices(self, devices: list[str]) -> None:
-        current = self.device_combo.currentText()
-        wanted = self._wanted_device if self._wanted_device in devices else current
-        self.device_combo.blockSignals(True)
-        self.device_combo.clear()
-        self.device_combo.addItems(devices)
-        self.device_combo.setCurrentText(wanted if wanted in devices else "auto")
-        self.device_combo.blockSignals(False)
+        self.device_combo.set_devices(devices, wanted=self._wanted_device)
         self._devices_listed = True
 
     def _model_changed(self, _index: int = 0) -> None:
