@@ -376,7 +376,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if u.val is not None or u.step % args.log_every == 0:
             val = (f" | val PSNR {u.val['psnr']:.2f} SSIM {u.val['ssim']:.4f} "
                    f"(mean {u.val['mean_psnr']:.2f} / {u.val['mean_ssim']:.4f})" if u.val else "")
-            print(f"step {u.step}/{u.steps} loss {u.loss:.4f} {u.seconds:.0f}s{val}", flush=True)
+            terms = " ".join(f"{k} {v:.3g}" for k, v in u.terms.items())
+            print(f"step {u.step}/{u.steps} loss {u.loss:.4f} ({terms}) {u.seconds:.0f}s{val}",
+                  flush=True)
 
     res = train(cfg, workdir, max_minutes=args.max_minutes, on_update=show, export_dir=export,
                 device=args.device)
@@ -565,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a network from a YAML config (checkpoints, resume)",
                         description="Train the network a config describes on simulated data from "
                                     "../shared/data; reruns resume from WORKDIR/last.pt; the best "
-                                    "checkpoint by validation SSIM is exported with its card.")
+                                    "checkpoint by the validation score train.select (SSIM by "
+                                    "default) is exported with its card.")
     tr.add_argument("config")
     tr.add_argument("--workdir", help="checkpoints (default runs/<id>)")
     tr.add_argument("--max-minutes", type=float, default=None, help="stop (resumable) after this")

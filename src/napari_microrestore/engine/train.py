@@ -1,4 +1,4 @@
-"""train(): supervised training of the burst networks from a YAML config, with checkpoints.
+"""train(): training of the networks from a YAML config, with checkpoints and resume.
 
 Config (``configs/*.yaml``)::
 
@@ -18,13 +18,66 @@ Config (``configs/*.yaml``)::
             val_every: 250, val_bursts: 32, checkpoint_every: 100, threads: 2}
 
 ``train.select`` (``ssim`` or ``psnr``, default ``ssim``) is the validation score that picks
-the best checkpoint.
+the best checkpoint. Optional optimiser settings: ``weight_decay`` (default 1e-4), ``betas``
+(AdamW's, default ``[0.9, 0.999]`` in supervised mode), ``lr_min_fraction`` (the cosine
+schedule's floor, default 0.05).
 
-Checkpoints (``<workdir>/last.pt``, ``best.pt``) hold the model, optimiser, step, the best
-validation SSIM and the RNG state; they are written atomically, read back with
-``torch.load(weights_only=True)`` (no arbitrary unpickling), and a rerun resumes from
-``last.pt``. The best checkpoint by validation SSIM (as Wieslander et al.) is exported to the
-zoo as fp16 safetensors with its card.
+Training modes (``train.mode``):
+
+* ``supervised`` (default): the net's output against the target, loss ``train.loss``
+  (weighted ``l1``, ``ssim``, ``grad``, over the sample's mask).
+* ``cyclegan``: COMI (Zhang et al. 2022) / CycleGAN (Zhu et al. 2017) for same-size,
+  single-image tasks (defocus). ``G_AB``, the exported net, maps the input domain (defocused)
+  to the target domain (in focus); ``G_BA``, the same architecture, maps back; two
+  PatchGAN discriminators judge each domain. Generator loss per batch ``(x, y)``::
+
+      w_adv * (gan(D_B(G_AB(x)), real) + gan(D_A(G_BA(y)), real))
+      + w_cycle * (|G_BA(G_AB(x)) - x| + |G_AB(G_BA(y)) - y|)
+      + w_content * content(G_AB(x), y)              # pairs exist: COMI's content term
+      + w_identity * (|G_AB(y) - y| + |G_BA(x) - x|)
+
+  then the discriminators learn from real images and from CycleGAN's history pool of fakes.
+* ``esrgan``: ESRGAN's second phase (Wang et al. 2018): the generator starts from
+  ``train.init_from`` (required; phase 1 is a supervised L1 run) and learns
+  ``w_content * content(G(x), y) + w_adv * ragan_g_loss`` against a discriminator trained with
+  the relativistic average GAN loss.
+
+Settings of the adversarial modes (the values shown are the defaults; cyclegan / esrgan where
+they differ)::
+
+    train:
+      mode: cyclegan
+      gan: {loss: lsgan,          # cyclegan: lsgan | vanilla; esrgan: ragan (the only one)
+            discriminator: patch, # patch (PatchGAN) | vgg (esrgan only: ESRGAN's VGG-style,
+                                  #   whole-patch logit; the target patch a multiple of 32)
+            ndf: 32, n_layers: 3, norm: instance,   # PatchGAN (vgg: ndf only)
+            lr_d: 2e-4 / 1e-4,    # discriminator learning rate (same cosine schedule as G)
+            betas_d: [0.5, 0.999] / [0.9, 0.99],
+            pool: 50}             # cyclegan: CycleGAN's image history (0: none)
+      weights: {adversarial: 0.001, cycle: 1.0, content: 1.0, identity: 0.0}   # cyclegan
+               {adversarial: 0.005, content: 1.0}                             # esrgan
+      content: {l1: 1.0, ssim: 1.0}   # esrgan {l1: 1.0}; terms as train.loss, or add
+                                      # perceptual: 1.0 with vgg_weights: <VGG19 state dict>
+      vgg_weights: path               # and vgg_layer: 34 (conv5_4 before ReLU, ESRGAN)
+      betas: [0.5, 0.999] / [0.9, 0.99]   # generator AdamW
+      clip: 1.0                       # generator gradient-norm clip (as the supervised mode)
+      init_from: sr2x                 # a zoo model id, a model card (.yaml), a .safetensors
+                                      # file or a .pt checkpoint (its "model") / state dict
+
+Terms of weight 0 are not computed; with ``adversarial: 0`` the discriminators are not
+trained either. ``init_from`` (any mode; required by esrgan) initialises the exported net at
+a fresh start; a resumed run continues from its checkpoint. ``TrainUpdate.terms`` logs every
+unweighted term (``l1``, ``ssim``, ``adv_A``, ``adv_B``, ``cycle_A``, ``cycle_B``, ``idt_A``,
+``idt_B``, ``d_A``, ``d_B``; esrgan: ``adv``, ``d``); ``TrainUpdate.loss`` is the generator's
+weighted total.
+
+Checkpoints (``<workdir>/last.pt``, ``best.pt``) hold the model (the exported net), the
+optimiser, the training mode, step, the best validation score and the history, and in the
+adversarial modes also the other networks, their optimiser and CycleGAN's image pool; they
+are written atomically, read back with ``torch.load(weights_only=True)`` (no arbitrary
+unpickling), and a rerun resumes from ``last.pt`` (a checkpoint of another mode is refused).
+The best checkpoint by the validation score (SSIM, as Wieslander et al.) is exported to the
+zoo as fp16 safetensors with its card: the exported net only, never a discriminator.
 """
 
 from __future__ import annotations
@@ -42,6 +95,8 @@ import yaml
 
 from ..core.errors import CancelToken, InputError, check_cancel
 from .data import make_batch, make_sampler
+
+MODES = ("supervised", "cyclegan", "esrgan")
 
 
 @dataclass
@@ -74,6 +129,14 @@ def load_config(path: str | Path) -> dict:
             raise InputError(f"training config {p} lacks '{key}'")
     cfg["_path"] = str(p)
     return cfg
+
+
+def train_mode(cfg: dict) -> str:
+    """The config's ``train.mode`` (default ``supervised``), checked."""
+    mode = str(cfg["train"].get("mode", "supervised"))
+    if mode not in MODES:
+        raise InputError(f"train.mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
 
 
 def validation_set(cfg: dict, n: Optional[int] = None, seed: int = 12345) -> list[dict]:
@@ -126,6 +189,158 @@ def make_loss(weights: dict):
     return loss
 
 
+def make_optimizer(params, tcfg: dict, *, lr: Optional[float] = None,
+                   weight_decay: Optional[float] = None,
+                   betas: tuple[float, float] = (0.9, 0.999)):
+    """AdamW with the config's ``lr``, ``weight_decay`` (default 1e-4) and ``betas`` (default
+    ``betas``); the explicit ``lr`` / ``weight_decay`` arguments win (the discriminators)."""
+    import torch
+
+    b = tcfg.get("betas", betas)
+    if len(b) != 2 or not all(0 <= float(v) < 1 for v in b):
+        raise InputError(f"optimiser betas must be two numbers in [0, 1); got {b!r}")
+    return torch.optim.AdamW(
+        params, lr=float(tcfg.get("lr", 1e-3)) if lr is None else lr,
+        weight_decay=float(tcfg.get("weight_decay", 1e-4)) if weight_decay is None
+        else weight_decay, betas=(float(b[0]), float(b[1])))
+
+
+def cosine_schedule(opt, tcfg: dict):
+    """Cosine decay of ``opt``'s learning rate over ``train.steps`` to ``lr_min_fraction``."""
+    import torch
+
+    steps = int(tcfg["steps"])
+    lr_min = float(tcfg.get("lr_min_fraction", 0.05))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_min + (1 - lr_min) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+class SupervisedTrainer:
+    """One network, one loss against the target (the default mode).
+
+    ``net`` is the exported network; ``step(x, y, mask)`` does one optimiser step and returns
+    ``(total, terms)``; ``state()`` / ``load(ck)`` give and take the checkpoint's entries.
+    """
+
+    mode = "supervised"
+
+    def __init__(self, cfg: dict, device: str) -> None:
+        import torch
+
+        from ..models import build
+
+        tcfg = cfg["train"]
+        self.device = device
+        torch.manual_seed(int(tcfg.get("seed", 0)))
+        self.net = build(cfg["architecture"], cfg.get("kwargs", {})).to(device)
+        self.init_note = load_init(self.net, cfg) if tcfg.get("init_from") else None
+        self.opt = make_optimizer(self.net.parameters(), tcfg)
+        self.sched = cosine_schedule(self.opt, tcfg)
+        self.loss_fn = make_loss(tcfg.get("loss", {"l1": 1.0, "ssim": 1.0}))
+
+    def step(self, x, y, m) -> tuple[float, dict]:
+        import torch
+
+        self.net.train()
+        with autocast(self.device):
+            pred = self.net(x)
+        total, terms = self.loss_fn(pred.float(), y, m)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        return float(total.detach()), terms
+
+    def state(self) -> dict:
+        return {"model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load(self, ck: dict) -> None:
+        self.net.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+
+    def card_notes(self) -> dict:
+        return {"init_from": self.init_note} if self.init_note else {}
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA, a no-op elsewhere (CPU trains in fp32)."""
+    import torch
+
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                          enabled=device.startswith("cuda"))
+
+
+def load_init(net, cfg: dict) -> str:
+    """Load ``train.init_from`` into ``net``; returns a line for the card's provenance.
+
+    ``init_from`` is a zoo model id or a model card (weights checked against the card's
+    sha256), a ``.safetensors`` weights file, or a ``.pt`` / ``.pth`` file: a checkpoint of
+    this trainer (its ``model``) or a plain state dict, read with ``weights_only=True``.
+    The architecture must match the config's exactly (every key, every shape).
+    """
+    import torch
+
+    from ..models import zoo
+
+    spec = str(cfg["train"]["init_from"])
+    p = Path(spec).expanduser()
+    suffix = p.suffix.lower()
+    if suffix in (".safetensors", ".pt", ".pth") and not p.is_file():
+        raise InputError(f"train.init_from file not found: {p}")
+    if p.is_file() and suffix in (".safetensors", ".pt", ".pth"):
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            try:
+                state = load_file(str(p))
+            except Exception as e:  # a corrupt or foreign file
+                raise InputError(f"cannot read train.init_from {p}: {e}") from None
+        else:
+            try:
+                state = torch.load(str(p), map_location="cpu", weights_only=True)
+            except Exception as e:  # pickle / zip errors of a file that is not a checkpoint
+                raise InputError(f"cannot read train.init_from {p}: {e}") from None
+            if isinstance(state, dict) and isinstance(state.get("model"), dict):
+                state = state["model"]
+        if not isinstance(state, dict):
+            raise InputError(f"train.init_from {p} does not hold a state dict")
+        note = f"{p} (sha256 {zoo.sha256_file(p)})"
+    else:
+        card = zoo.get_card(spec)
+        if card.is_classical:
+            raise InputError(f"train.init_from {spec!r} is a classical method with no weights")
+        if (card.architecture, dict(card.kwargs)) != (cfg["architecture"],
+                                                      dict(cfg.get("kwargs") or {})):
+            raise InputError(
+                f"train.init_from model {card.id} is {card.architecture} {dict(card.kwargs)}, "
+                f"but the config builds {cfg['architecture']} {dict(cfg.get('kwargs') or {})}")
+        state = zoo.load_model(card).state_dict()
+        note = f"model {card.id} (sha256 {card.weights['sha256']})"
+    own = net.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v
+             for k, v in state.items()}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[:2]
+        raise InputError(f"train.init_from {spec} does not fit the config's "
+                         f"{cfg['architecture']} network: {' '.join(first)}") from None
+    return note
+
+
+def make_trainer(cfg: dict, device: str, probe: dict):
+    """The trainer of the config's mode; ``probe`` is one validation sample (its shapes)."""
+    mode = train_mode(cfg)
+    if mode == "supervised":
+        return SupervisedTrainer(cfg, device)
+    from .train_gan import CycleGANTrainer, ESRGANTrainer
+
+    return (CycleGANTrainer if mode == "cyclegan" else ESRGANTrainer)(cfg, device, probe)
+
+
 def evaluate_net(net, samples: list[dict], device: str = "cpu") -> dict:
     """Mean PSNR / SSIM (normalised space, over the mask, after a gain + offset fit) of ``net``
     on prepared validation samples, and the same for each sample's classical ``base``
@@ -164,74 +379,58 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
     device = resolve_device(device)
     import torch
 
-    from ..models import build
     from ..models.zoo import save_model
 
     tcfg = cfg["train"]
+    mode = train_mode(cfg)
     torch.set_num_threads(int(tcfg.get("threads", os.cpu_count() or 1)))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     seed = int(tcfg.get("seed", 0))
-    torch.manual_seed(seed)
-    net = build(cfg["architecture"], cfg.get("kwargs", {})).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=float(tcfg.get("lr", 1e-3)),
-                            weight_decay=float(tcfg.get("weight_decay", 1e-4)))
     steps = int(tcfg["steps"])
-    lr_min = float(tcfg.get("lr_min_fraction", 0.05))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_min + (1 - lr_min) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     # the validation score that picks the exported checkpoint ("ssim", as Wieslander et al.,
     # or "psnr" where the card's quality floor is a PSNR gain, e.g. sr2x)
     select = str(tcfg.get("select", "ssim"))
     if select not in ("ssim", "psnr"):
         raise InputError(f"train.select must be 'ssim' or 'psnr'; got {select!r}")
+    sampler = make_sampler(cfg["task"], cfg["data"], "train")
+    val = validation_set(cfg)
+    trainer = make_trainer(cfg, device, val[0])
+    net = trainer.net
     step, best = 0, {select: -math.inf, "step": 0}
     history: list = []
     rng = np.random.default_rng(seed)
     last = workdir / "last.pt"
     if last.exists():
         ck = torch.load(last, weights_only=True, map_location=device)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
+        ck_mode = str(ck.get("mode", "supervised"))
+        if ck_mode != mode:
+            raise InputError(f"{last} is a checkpoint of a {ck_mode} run, but the config asks "
+                             f"for train.mode {mode}; use another --workdir")
+        trainer.load(ck)
         step, best = int(ck["step"]), json.loads(ck["best"])
         history = json.loads(ck["history"])
         rng = np.random.default_rng(seed + step)  # a fresh, reproducible stream after resume
 
-    sampler = make_sampler(cfg["task"], cfg["data"], "train")
-    val = validation_set(cfg)
-    loss_fn = make_loss(tcfg.get("loss", {"l1": 1.0, "ssim": 1.0}))
     batch = int(tcfg.get("batch", 8))
     val_every = int(tcfg.get("val_every", 250))
     ck_every = int(tcfg.get("checkpoint_every", 100))
     t_start = time.perf_counter()
 
     def checkpoint(path: Path) -> None:
-        cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        _atomic_torch_save({"model": cpu_state, "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "step": step,
+        _atomic_torch_save({**trainer.state(), "mode": mode, "step": step,
                             "best": json.dumps(best), "history": json.dumps(history)}, path)
 
     while step < steps:
         check_cancel(cancel)
         if max_minutes is not None and (time.perf_counter() - t_start) > 60 * max_minutes:
             break
-        net.train()
         b = make_batch(sampler, rng, batch)
         x, y, m = (torch.from_numpy(b[k]).to(device, non_blocking=True)
                    for k in ("x", "y", "mask"))
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                            enabled=device.startswith("cuda")):
-            pred = net(x)
-        total, terms = loss_fn(pred.float(), y, m)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        total, terms = trainer.step(x, y, m)
         step += 1
-        upd = TrainUpdate(step, steps, float(total.detach()), terms,
-                          seconds=time.perf_counter() - t_start)
+        upd = TrainUpdate(step, steps, total, terms, seconds=time.perf_counter() - t_start)
         if step % val_every == 0 or step == steps:
             upd.val = evaluate_net(net, val, device=device)
             history.append({"step": step, **upd.val, "loss": upd.loss})
@@ -258,6 +457,7 @@ def train(cfg: dict, workdir: str | Path, *, max_minutes: Optional[float] = None
             "device": (torch.cuda.get_device_name(device) if device.startswith("cuda")
                        else f"cpu ({torch.get_num_threads()} threads)"),
             "steps": int(best["step"]), "best_val": best,
+            **trainer.card_notes(),
         }
         result.card = save_model(net, card, export_dir)
     return result
