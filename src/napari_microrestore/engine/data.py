@@ -238,12 +238,32 @@ def _range(value, name: str, positive: bool = False) -> tuple[float, float]:
     return lo, hi
 
 
-def load_defocus_pairs(root: Optional[Path] = None) -> list[tuple[np.ndarray, np.ndarray, float]]:
+def align_to(image: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """``reference`` shifted onto the pixel grid of ``image`` (sub-pixel translation by ECC,
+    applied as a Fourier shift so the reference is not smoothed); returns it and the (dy, dx)
+    shift removed.
+
+    The DFNN single-shot pairs move sideways with the defocus (-5.5 px at -0.7 um, +4 px at
+    +0.7 um: the galvo that sets the defocus also displaces the image), which no restoration
+    can undo from one image; comparing unaligned pairs would score the shift, not the focus."""
+    from scipy import ndimage
+
+    from ..core.registration import register_burst
+
+    r = register_burst(np.stack([image, reference]).astype(np.float32), reference=0)
+    dx, dy = float(r.transforms[1][0, 2]), float(r.transforms[1][1, 2])
+    shifted = np.fft.ifft2(ndimage.fourier_shift(np.fft.fft2(reference), (-dy, -dx))).real
+    return shifted.astype(np.float32), (dy, dx)
+
+
+def load_defocus_pairs(root: Optional[Path] = None, *, align: bool = True
+                       ) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """Real (defocused, in-focus, defocus in um) pairs of the DFNN microtubule data.
 
     The single-shot pairs use the in-focus image the data's ReadMe assigns to each defocus;
     the z-stack gives pairs of every plane with the in-focus plane (stack index 15, 0.05 um
-    steps)."""
+    steps). With ``align`` (default) every in-focus image is shifted onto its defocused
+    image's grid (:func:`align_to`)."""
     from ..core import io
 
     root = Path(root) if root is not None else shared_data_dir()
@@ -263,6 +283,8 @@ def load_defocus_pairs(root: Optional[Path] = None) -> list[tuple[np.ndarray, np
     for i in range(len(stack)):
         if i != 15:
             pairs.append((stack[i], stack[15], (i - 15) * 0.05))
+    if align:
+        pairs = [(b, align_to(b, s)[0], a) for b, s, a in pairs]
     return pairs
 
 

@@ -118,7 +118,7 @@ class ResnetGenerator(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 32,
                  n_blocks: int = 9, n_down: int = 2, norm: str = "instance",
-                 residual: bool = True) -> None:
+                 residual: bool = True, skips: bool = False) -> None:
         super().__init__()
         _check_norm(norm)
         if residual and in_channels != out_channels:
@@ -135,6 +135,7 @@ class ResnetGenerator(nn.Module):
         self.n_down = n_down
         self.n_blocks = n_blocks
         self.residual = residual
+        self.skips = skips
         self.multiple = 2 ** n_down
         self.tile_safe = norm != "instance"
         bias = norm != "batch"  # CycleGAN: no bias before BatchNorm
@@ -145,15 +146,22 @@ class ResnetGenerator(nn.Module):
             nn.ReLU(inplace=True),
         ]
         ch = ngf
+        # with ``skips``: indices of the encoder layers whose output is kept, and of the decoder
+        # layers at the same resolution (and width) to whose output it is added
+        self._keep: list[int] = [len(layers) - 1]
         for _ in range(n_down):
             layers += [nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1, bias=bias),
                        _norm_layer(norm, 2 * ch), nn.ReLU(inplace=True)]
+            self._keep.append(len(layers) - 1)
             ch *= 2
+        self._keep.pop()  # the bottleneck itself is not skipped
         layers += [_ResnetBlock(ch, norm, bias) for _ in range(n_blocks)]
+        self._add: list[int] = []
         for _ in range(n_down):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"),
                        nn.Conv2d(ch, ch // 2, 3, padding=1, bias=bias),
                        _norm_layer(norm, ch // 2), nn.ReLU(inplace=True)]
+            self._add.append(len(layers) - 1)
             ch //= 2
         last = nn.Conv2d(ch, out_channels, 7, padding=3, padding_mode="reflect")
         if residual:
@@ -178,7 +186,17 @@ class ResnetGenerator(nn.Module):
         """Restore ``(N, in_channels, H, W)`` -> ``(N, out_channels, H, W)``."""
         check_input(x, ndim=4, channels=self.in_channels, multiple=self.multiple,
                     name="ResnetGenerator")
-        y = self.net(x)
+        if self.skips:
+            kept, y = [], x
+            add = dict(zip(self._add, reversed(self._keep)))
+            for i, layer in enumerate(self.net):
+                y = layer(y)
+                if i in self._keep:
+                    kept.append(y)
+                elif i in add:
+                    y = y + kept.pop()
+        else:
+            y = self.net(x)
         return x + y if self.residual else y
 
 
