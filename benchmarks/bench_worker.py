@@ -10,13 +10,17 @@ The call is ``engine.restore.restore(burst, "tem-burst-fast", device="cpu")`` on
   time measured from the click to the result layer (the scheduler's worker thread, its
   progress reports to the GUI thread and the layer creation included); the scheduler's own
   submit-to-end time is shown too;
-* the same widget rows with ``MALLOC_ARENA_MAX=1`` in the environment: glibc gives every
+* the same with ``MALLOC_ARENA_MAX=1`` (what ``microrestore napari`` sets): glibc gives every
   thread but the main one a malloc arena whose heaps hold at most 64 MB, so the large
-  activation tensors of CPU inference are mmap-ed, page-faulted and zeroed afresh in every
-  layer in a worker thread (in a plain process a ``threading.Thread`` ran the same restore
-  1.8x slower than the main thread); one arena for every thread removes most of it. It
-  cannot be set from inside the process once threads exist (glibc fixes its arena limit
-  early), so it is the user's environment setting, which the README documents.
+  activation tensors of CPU inference are mmap-ed, page-faulted (4 kB at a time) and zeroed
+  afresh in every layer in a worker thread (in a plain process a ``threading.Thread`` ran the
+  same restore 1.8x slower than the main thread); one arena for every thread removes most of
+  it. glibc reads it at start-up only, so it is the environment's setting.
+* all of it again with torch's ``THP_MEM_ALLOC_ENABLE=1`` (large tensors on 2 MB transparent
+  huge pages: ~1/30 of the page faults, in a worker thread too). Not a default: on the
+  development machine its time was bimodal (1.04-1.14 s or 1.6-2.3 s per restore, with the
+  kernel time of the slow runs 10-20x that of the fast ones), where 4 kB pages gave a steady
+  1.3 s.
 
 Every mode does one warm-up run (model loading, first-call allocations), then ``--runs``
 timed runs; the table gives the medians, the ratio to ``plain`` (target <= 1.10 for the
@@ -51,26 +55,29 @@ MODEL = "tem-burst-fast"
 TARGET_RATIO = 1.10
 
 _PLAIN = r"""
-import json, os, sys, time
+import json, os, resource, sys, time
 import numpy as np
 import torch
 from napari_microrestore.engine.restore import restore
 burst = np.load(sys.argv[1])
 runs = int(sys.argv[2])
 restore(burst, MODEL, device="cpu")
-times, cpu = [], []
+times, cpu, faults = [], [], []
 for _ in range(runs):
     cpu0 = os.times()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     restore(burst, MODEL, device="cpu")
     times.append(time.perf_counter() - t0)
     cpu1 = os.times()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     cpu.append((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
-print(json.dumps({"times": times, "cpu": cpu, "threads": torch.get_num_threads()}))
+print(json.dumps({"times": times, "cpu": cpu, "faults": faults,
+                  "threads": torch.get_num_threads()}))
 """
 
 _NAPARI = r"""
-import json, sys, time
+import json, resource, sys, time
 import numpy as np
 import napari
 import os
@@ -105,17 +112,20 @@ def click():
     quit_loop = lambda event: loop.quit()
     viewer.layers.events.inserted.connect(quit_loop)
     cpu0 = os.times()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     widget.panel.run_button.click()
     job = widget.panel.job
     loop.exec_()
     seconds = time.perf_counter() - t0
     cpu1 = os.times()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     viewer.layers.events.inserted.disconnect(quit_loop)
     wait(job)
     assert job.state == "done", job.state
     viewer.layers.pop()
-    return seconds, job.seconds, (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    return (seconds, job.seconds, (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
+            faults)
 
 
 wait(widget.device_job)
@@ -126,24 +136,28 @@ wait(widget.scheduler.submit(Task("threads", torch.get_num_threads), on_result=s
 
 from napari_microrestore.engine.restore import restore
 restore(burst, MODEL, device="cpu")
-direct, direct_cpu = [], []
+direct, direct_cpu, direct_faults = [], [], []
 for _ in range(runs):
     cpu0 = os.times()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     restore(burst, MODEL, device="cpu")
     direct.append(time.perf_counter() - t0)
     cpu1 = os.times()
+    direct_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     direct_cpu.append((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system))
 
 click()
-widget_times, job_times, widget_cpu = [], [], []
+widget_times, job_times, widget_cpu, widget_faults = [], [], [], []
 for _ in range(runs):
-    s, j, c = click()
+    s, j, c, f = click()
     widget_times.append(s)
     job_times.append(j)
     widget_cpu.append(c)
-print(json.dumps({"direct": direct, "direct_cpu": direct_cpu, "widget": widget_times,
-                  "job": job_times, "widget_cpu": widget_cpu,
+    widget_faults.append(f)
+print(json.dumps({"direct": direct, "direct_cpu": direct_cpu, "direct_faults": direct_faults,
+                  "widget": widget_times, "job": job_times, "widget_cpu": widget_cpu,
+                  "widget_faults": widget_faults,
                   "threads_main": torch.get_num_threads(), "threads_worker": seen[0]}))
 viewer.close()
 """
@@ -182,42 +196,60 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "src"))
     import numpy as np
 
+    thp_on = {"THP_MEM_ALLOC_ENABLE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "burst.npy"
         np.save(path, _burst(args.size, args.frames))
         plain = _run(_PLAIN, str(path), str(args.runs))
         gui = _run(_NAPARI, str(path), str(args.runs))
-        # glibc gives every thread but the main one an arena of <= 64 MB heaps, so large
-        # tensors are mmap-ed and page-faulted afresh there; one arena for all threads
         one_arena = _run(_NAPARI, str(path), str(args.runs),
                          extra_env={"MALLOC_ARENA_MAX": "1"})
+        plain_thp = _run(_PLAIN, str(path), str(args.runs), extra_env=thp_on)
+        gui_thp = _run(_NAPARI, str(path), str(args.runs), extra_env=thp_on)
+        one_arena_thp = _run(_NAPARI, str(path), str(args.runs),
+                             extra_env={"MALLOC_ARENA_MAX": "1", **thp_on})
 
-    base = statistics.median(plain["times"])
-    rows = [("plain process", plain["times"], plain["cpu"], plain["threads"]),
-            ("napari, engine on the GUI thread", gui["direct"], gui["direct_cpu"],
-             gui["threads_main"]),
-            ("napari, Restore widget: click -> layer", gui["widget"], gui["widget_cpu"],
-             gui["threads_worker"]),
-            ("napari, Restore widget: scheduler job", gui["job"], None, gui["threads_worker"]),
-            ("MALLOC_ARENA_MAX=1: napari, Restore widget: click -> layer", one_arena["widget"],
-             one_arena["widget_cpu"], one_arena["threads_worker"]),
-            ("MALLOC_ARENA_MAX=1: napari, Restore widget: scheduler job", one_arena["job"],
-             None, one_arena["threads_worker"])]
+    def napari_rows(prefix: str, run: dict) -> list:
+        return [(f"{prefix}napari, engine on the GUI thread", run["direct"], run["direct_cpu"],
+                 run["direct_faults"], run["threads_main"]),
+                (f"{prefix}napari, Restore widget: click -> layer", run["widget"],
+                 run["widget_cpu"], run["widget_faults"], run["threads_worker"]),
+                (f"{prefix}napari, Restore widget: scheduler job", run["job"], None, None,
+                 run["threads_worker"])]
+
+    groups = [
+        ("default", plain,
+         [("plain process", plain["times"], plain["cpu"], plain["faults"], plain["threads"]),
+          *napari_rows("", gui), *napari_rows("MALLOC_ARENA_MAX=1: ", one_arena)]),
+        ("THP_MEM_ALLOC_ENABLE=1", plain_thp,
+         [("plain process", plain_thp["times"], plain_thp["cpu"], plain_thp["faults"],
+           plain_thp["threads"]),
+          *napari_rows("", gui_thp), *napari_rows("MALLOC_ARENA_MAX=1: ", one_arena_thp)]),
+    ]
     print(f"Worker-thread penalty: {MODEL} restore of a {args.frames} x {args.size} x "
           f"{args.size} burst on the CPU, median of {args.runs} runs after a warm-up "
-          f"({os.cpu_count()} CPUs)\n")
-    print("| mode | median (s) | min (s) | ratio to plain | process CPU (s) | torch threads |")
-    print("|---|---|---|---|---|---|")
-    for name, times, cpu, threads in rows:
-        med = statistics.median(times)
-        cpu_s = f"{statistics.median(cpu):.2f}" if cpu else "-"
-        print(f"| {name} | {med:.3f} | {min(times):.3f} | {med / base:.2f} | {cpu_s} | "
-              f"{threads} |")
+          f"({os.cpu_count()} CPUs); ratios to the plain process of the same group\n")
+    print("| environment | mode | median (s) | min (s) | ratio to plain | process CPU (s) | "
+          "page faults | torch threads |")
+    print("|---|---|---|---|---|---|---|---|")
+    for env_name, base_run, rows in groups:
+        base = statistics.median(base_run["times"])
+        for name, times, cpu, faults, threads in rows:
+            med = statistics.median(times)
+            cpu_s = f"{statistics.median(cpu):.2f}" if cpu else "-"
+            faults_s = f"{int(statistics.median(faults))}" if faults else "-"
+            print(f"| {env_name} | {name} | {med:.3f} | {min(times):.3f} | {med / base:.2f} | "
+                  f"{cpu_s} | {faults_s} | {threads} |")
+    base = statistics.median(plain["times"])
     ratio = statistics.median(gui["widget"]) / base
     verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
     print(f"\nwidget / plain = {ratio:.2f} (target <= {TARGET_RATIO}): {verdict}")
     print(f"with MALLOC_ARENA_MAX=1: widget / plain = "
           f"{statistics.median(one_arena['widget']) / base:.2f}")
+    thp = statistics.median(plain_thp["times"])
+    print(f"THP_MEM_ALLOC_ENABLE=1: widget / plain = "
+          f"{statistics.median(gui_thp['widget']) / thp:.2f}; "
+          f"plain process with / without = {thp / base:.2f}")
     return 0 if ratio <= TARGET_RATIO else 1
 
 
