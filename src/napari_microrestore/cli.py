@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "restores in a worker thread, and glibc gives every thread but the main "
                     "one a malloc arena whose heaps hold at most 64 MB, so large activation "
                     "tensors are mapped and page-faulted afresh in every layer there: the "
-                    "Restore widget ran 1.9x slower than a plain process on 2 cores, 1.26x "
+                    "Restore widget ran 1.8x slower than a plain process on 2 cores, 1.18x "
                     "with one arena (benchmarks/bench_worker.py). Other arguments go to napari.")
     nap.add_argument("napari_args", nargs=argparse.REMAINDER, help="passed on to napari")
     nap.set_defaults(func=_cmd_napari)
