@@ -17,10 +17,9 @@ The call is ``engine.restore.restore(burst, "tem-burst-fast", device="cpu")`` on
   same restore 1.8x slower than the main thread); one arena for every thread removes most of
   it. glibc reads it at start-up only, so it is the environment's setting.
 * all of it again with torch's ``THP_MEM_ALLOC_ENABLE=1`` (large tensors on 2 MB transparent
-  huge pages: ~1/30 of the page faults, in a worker thread too). Not a default: on the
-  development machine its time was bimodal (1.04-1.14 s or 1.6-2.3 s per restore, with the
-  kernel time of the slow runs 10-20x that of the fast ones), where 4 kB pages gave a steady
-  1.3 s.
+  huge pages: 20-35x fewer page faults, in a worker thread too). Not a default: its times
+  spread far more from run to run than with 4 kB pages (compare the min and median
+  columns).
 
 Every mode does one warm-up run (model loading, first-call allocations), then ``--runs``
 timed runs; the table gives the medians, the ratio to ``plain`` (target <= 1.10 for the

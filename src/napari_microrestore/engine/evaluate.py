@@ -141,9 +141,9 @@ GAUSSIAN_SIGMAS = (0.7, 1.0, 1.5, 2.0)
 def evaluate_defocus(card: ModelCard, *, border: int = 24, device: str = "auto",
                      cancel: Optional[CancelToken] = None) -> dict:
     """Every real defocus pair, on the validation rows only (never trained on)."""
-    from .data import DefocusSampler
-
     from scipy import ndimage
+
+    from .data import DefocusSampler
 
     pairs = DefocusSampler({"patch": 128}, "val").validation_pairs()
     levels: dict = {}

@@ -189,6 +189,17 @@ def make_loss(weights: dict):
     return loss
 
 
+def check_betas(value, what: str) -> tuple[float, float]:
+    """Adam's ``betas`` from a config: two numbers in [0, 1)."""
+    try:
+        b = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        b = ()
+    if len(b) != 2 or not all(0 <= v < 1 for v in b):
+        raise InputError(f"{what} must be two numbers in [0, 1); got {value!r}")
+    return b
+
+
 def make_optimizer(params, tcfg: dict, *, lr: Optional[float] = None,
                    weight_decay: Optional[float] = None,
                    betas: tuple[float, float] = (0.9, 0.999)):
@@ -196,13 +207,11 @@ def make_optimizer(params, tcfg: dict, *, lr: Optional[float] = None,
     ``betas``); the explicit ``lr`` / ``weight_decay`` arguments win (the discriminators)."""
     import torch
 
-    b = tcfg.get("betas", betas)
-    if len(b) != 2 or not all(0 <= float(v) < 1 for v in b):
-        raise InputError(f"optimiser betas must be two numbers in [0, 1); got {b!r}")
+    b = check_betas(tcfg.get("betas", betas), "train.betas")
     return torch.optim.AdamW(
         params, lr=float(tcfg.get("lr", 1e-3)) if lr is None else lr,
         weight_decay=float(tcfg.get("weight_decay", 1e-4)) if weight_decay is None
-        else weight_decay, betas=(float(b[0]), float(b[1])))
+        else weight_decay, betas=b)
 
 
 def cosine_schedule(opt, tcfg: dict):

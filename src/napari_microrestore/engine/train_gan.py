@@ -26,7 +26,8 @@ from ..core.errors import InputError
 from ..models import build
 from ..models.defocus_gan import PatchDiscriminator
 from ..models.losses import VGGPerceptualLoss, cycle_loss, gan_loss, ragan_d_loss, ragan_g_loss
-from .train import autocast, cosine_schedule, load_init, make_loss, make_optimizer
+from .train import (autocast, check_betas, cosine_schedule, load_init, make_loss,
+                    make_optimizer)
 
 # weights of the generator's loss terms and their defaults, per mode (COMI: adversarial
 # 0.001, content and cycle 1; ESRGAN without its perceptual term: see ESRGANTrainer)
@@ -121,13 +122,6 @@ def _discriminator(gcfg: dict, channels: int, size: int) -> nn.Module:
     raise InputError(f"train.gan.discriminator must be 'patch' or 'vgg'; got {kind!r}")
 
 
-def _betas(value, what: str) -> tuple[float, float]:
-    b = tuple(float(v) for v in value)
-    if len(b) != 2 or not all(0 <= v < 1 for v in b):
-        raise InputError(f"{what} must be two numbers in [0, 1); got {value!r}")
-    return b
-
-
 def _requires_grad(nets, flag: bool) -> None:
     for n in nets:
         for p in n.parameters():
@@ -206,8 +200,8 @@ class _AdversarialTrainer:
         self.opt = make_optimizer(self.g_params, tcfg, betas=G_BETAS[self.mode])
         self.sched = cosine_schedule(self.opt, tcfg)
         lr_d = _number(self.gcfg["lr_d"], "train.gan.lr_d")
-        self.opt_d = torch.optim.Adam(self.d_params, lr=lr_d,
-                                      betas=_betas(self.gcfg["betas_d"], "train.gan.betas_d"))
+        betas_d = check_betas(self.gcfg["betas_d"], "train.gan.betas_d")
+        self.opt_d = torch.optim.Adam(self.d_params, lr=lr_d, betas=betas_d)
         self.sched_d = cosine_schedule(self.opt_d, tcfg)
 
     def _g_update(self, total: torch.Tensor) -> None:
