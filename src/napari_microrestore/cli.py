@@ -602,9 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start napari with MALLOC_ARENA_MAX=1 in its environment. The plugin "
                     "restores in a worker thread, and glibc gives every thread but the main "
                     "one a malloc arena whose heaps hold at most 64 MB, so large activation "
-                    "tensors are mapped and page-faulted afresh in every layer there: the "
-                    "Restore widget ran 1.8x slower than a plain process on 2 cores, 1.18x "
-                    "with one arena (benchmarks/bench_worker.py). Other arguments go to napari.")
+                    "tensors are mapped and page-faulted afresh in every layer there. The burst "
+                    "models are built to avoid it (Restore widget 1.17x a plain process on 2 "
+                    "cores, 1.13x with one arena; benchmarks/bench_worker.py); one arena keeps "
+                    "every model as fast in the worker as on a main thread. Other arguments go "
+                    "to napari.")
     nap.add_argument("napari_args", nargs=argparse.REMAINDER, help="passed on to napari")
     nap.set_defaults(func=_cmd_napari)
     return p

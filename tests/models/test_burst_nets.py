@@ -228,3 +228,27 @@ def test_span_rejects_misuse() -> None:
         Span().up()
     with pytest.raises(ValueError, match="mode"):
         Span().down().up("cubic")
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_fast_net_inference_forward_equals_the_batched_one(frames: int) -> None:
+    # without autograd the net runs frame by frame and without concatenations (smaller
+    # tensors: a worker thread's malloc arena can reuse them); same numbers
+    torch.manual_seed(0)
+    net = _tiny_fast()
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.3)
+    x = _burst(2, frames, 32)
+    batched = net(x)
+    assert batched.requires_grad  # autograd on: the batched path
+    with torch.no_grad():
+        lean = net(x)
+    batched = batched.detach()
+    assert float((lean - batched).abs().max()) <= 1e-5 * float(batched.abs().max())
+    # the head in bands of 8 rows at 1/2 resolution (forced) joins without a seam
+    with torch.no_grad():
+        out = torch.randn(2, 4, 40, 16, generator=torch.Generator().manual_seed(3))
+        whole = net._head_rows(out, max_bytes=1 << 30)
+        bands = net._head_rows(out, max_bytes=1)  # 8-row bands
+    assert bands.shape == whole.shape == (2, 1, 80, 32)
+    assert float((bands - whole).abs().max()) <= 1e-5 * float(whole.abs().max())

@@ -207,11 +207,10 @@ class _ComputeThreads:
     """Long-lived daemon threads that run the jobs' computations, reused from job to job.
 
     A warm thread keeps its glibc malloc arena and OpenMP thread team from job to job. (Any
-    thread but the main one allocates from an arena whose heaps hold at most 64 MB, so the
-    larger activation tensors of CPU inference are mmap-ed and page-faulted afresh in every
-    layer there: see benchmarks/bench_worker.py and the README for the measured cost and the
-    ``MALLOC_ARENA_MAX=1`` remedy.) An idle thread is reused; a new one starts only when all are busy, so concurrent
-    jobs never wait for each other. Threads are daemons: a computation left running never
+    thread but the main one allocates from an arena of 64 MB heaps: see ``engine.restore.
+    cpu_heap``, the frame-by-frame inference of the burst nets and benchmarks/bench_worker.py
+    for what keeps CPU inference here as fast as on a main thread.) An idle thread is reused;
+    a new one starts only when all are busy, so concurrent jobs never wait for each other. Threads are daemons: a computation left running never
     keeps the interpreter from exiting.
     """
 

@@ -60,6 +60,32 @@ def _pool_frames(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([frames.amax(dim=1), frames.mean(dim=1)], dim=1)
 
 
+def _max_mean(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and mean over a list of ``(N, C, h, w)`` frame features (no stacked copy)."""
+    peak, total = frames[0].clone(), frames[0].clone()
+    for f in frames[1:]:
+        torch.maximum(peak, f, out=peak)
+        total.add_(f)
+    return peak, total.div_(len(frames))
+
+
+def _conv_parts(conv: nn.Conv2d, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``conv(torch.cat(parts, dim=1))`` without the concatenated tensor.
+
+    Each part meets its slice of the weight's input channels and the results are summed in
+    place: the same numbers up to float rounding, and no tensor wider than the output.
+    """
+    out, start = None, 0
+    for part in parts:
+        stop = start + part.shape[1]
+        y = F.conv2d(part, conv.weight[:, start:stop], None, conv.stride, conv.padding)
+        out = y if out is None else out.add_(y)
+        start = stop
+    if conv.bias is not None:
+        out.add_(conv.bias[:, None, None])
+    return out
+
+
 class _Fuse(nn.Module):
     """``act(W_f f_t + W_g [max_t f, mean_t f])``: per-frame features informed by the burst.
 
@@ -123,6 +149,14 @@ class BurstFastNet(nn.Module):
     Input ``(N, T, C, H, W)`` registered frames, any ``T >= 1``; output ``(N, C, H, W)``;
     invariant to the order of the frames (up to float rounding of the mean).
 
+    Without autograd (inference) the forward runs frame by frame and never concatenates
+    (:meth:`forward_lean`): the same output up to float rounding, no tensor larger than one
+    frame's features. Besides a smaller peak, that matters on the CPU in a worker thread:
+    glibc serves a thread's allocations above its 64 MB heap size with a fresh ``mmap``, so a
+    batched forward on a 1024^2 tile (five frames' features in one 200 MB tensor) page-faults
+    and zeroes every layer's output afresh (1.8x slower than on the main thread); frame by
+    frame, every tensor of ``tem-burst-fast`` at that tile fits a heap and is reused.
+
     Default config: 1.07 M parameters; 205 GFLOP per megapixel for a 5-frame burst (86 for one
     frame: the decoder's share is paid once), measured by :func:`._flops.gflops_per_megapixel`
     on a ``(1, 5, 1, 256, 256)`` burst.
@@ -179,10 +213,16 @@ class BurstFastNet(nn.Module):
         return span.conv().up().conv().merge(Span()).radius
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Restore ``(N, T, C, H, W)`` registered frames into ``(N, C, H, W)``."""
+        """Restore ``(N, T, C, H, W)`` registered frames into ``(N, C, H, W)``.
+
+        Batched over frames when autograd is on (training), frame by frame otherwise
+        (:meth:`forward_lean`).
+        """
         check_input(
             x, ndim=5, channels=self.in_channels, multiple=self.multiple, name="BurstFastNet"
         )
+        if not torch.is_grad_enabled():
+            return self.forward_lean(x)
         n = x.shape[0]
         feats = F.pixel_unshuffle(x.flatten(0, 1), 2)
         pooled = []
@@ -197,3 +237,56 @@ class BurstFastNet(nn.Module):
             out = _act(conv_b(_act(conv_a(out))))
         residual = self.head(_act(F.pixel_shuffle(self.head_up(out), 2)))
         return residual.add_(x.mean(dim=1))
+
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward frame by frame, without concatenations (inference only).
+
+        Every per-frame conv runs on one ``(N, C, h, w)`` frame; the frames' max and mean are
+        accumulated in place; the 1x1 fusion, the bottom conv and the decoder's first convs
+        apply their weights' input-channel slices to the parts they would have concatenated
+        (:func:`_conv_parts`). Equal to the batched forward up to float rounding; uses
+        in-place ops that autograd cannot differentiate, hence ``forward`` calls it only
+        with autograd off.
+        """
+        check_input(
+            x, ndim=5, channels=self.in_channels, multiple=self.multiple, name="BurstFastNet"
+        )
+        frames = [F.pixel_unshuffle(x[:, i], 2) for i in range(x.shape[1])]
+        pooled = []
+        for level, fuse in zip(self.encoder, self.fuse):
+            for k, f in enumerate(frames):
+                for conv in level:
+                    f = _act(conv(f))
+                frames[k] = f
+            burst = _conv_parts(fuse.burst, _max_mean(frames))
+            for k in range(len(frames)):
+                frames[k] = _act(fuse.frame(frames[k]).add_(burst))
+            del burst
+            pooled.append(_max_mean(frames))
+        del frames
+        out = _act(_conv_parts(self.bottom, pooled.pop()))
+        for up, (conv_a, conv_b), skip in zip(self.up, self.decoder, reversed(pooled)):
+            out = _act(_conv_parts(conv_a, (F.pixel_shuffle(up(out), 2), *skip)))
+            out = _act(conv_b(out))
+        return self._head_rows(out).add_(x.mean(dim=1))
+
+    def _head_rows(self, out: torch.Tensor, max_bytes: int = 32 << 20) -> torch.Tensor:
+        """The full-resolution head on ``out`` (1/2 resolution) in bands of rows whose widest
+        tensor (``4 * head_channels`` at 1/2 resolution) stays under ``max_bytes``.
+
+        Each band is read with 2 rows of context at 1/2 resolution on each side (the 3x3
+        ``head_up`` needs one, the full-resolution 3x3 ``head`` half of one), so the bands
+        join without a seam: the same numbers as the whole head at once.
+        """
+        n, _, h, w = out.shape
+        row_bytes = n * self.head_up.out_channels * w * out.element_size()
+        rows = max(8, max_bytes // max(row_bytes, 1))
+        if rows >= h:
+            return self.head(_act(F.pixel_shuffle(self.head_up(out), 2)))
+        bands = []
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            lo, hi = max(0, r0 - 2), min(h, r1 + 2)
+            band = self.head(_act(F.pixel_shuffle(self.head_up(out[:, :, lo:hi]), 2)))
+            bands.append(band[:, :, 2 * (r0 - lo):2 * (r1 - lo)])
+        return torch.cat(bands, dim=2)

@@ -7,6 +7,8 @@ to the scheduler and shows what comes back.
 
 from __future__ import annotations
 
+import math
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from napari.layers import Image, Layer
 from psygnal import Signal
-from qtpy.QtCore import QSettings, Qt
+from qtpy.QtCore import QSettings, Qt, QTimer
 from qtpy.QtWidgets import (
     QApplication,
     QComboBox,
@@ -224,9 +226,16 @@ class JobPanel(QWidget):
     :meth:`submit` runs a task through the scheduler; while it runs, Run (and the buttons of
     :meth:`add_button`) are disabled and Cancel enabled, the bar follows the task's progress
     reports and the status line shows their messages; at the end, the status line says how
-    it ended. When the panel is destroyed (its dock widget deleted, the viewer closed), its job
-    is cancelled and no callback touches the widgets any more.
+    it ended. Progress is drawn at most every :attr:`PROGRESS_INTERVAL` seconds (the latest
+    report wins; the end is drawn at once): a repaint of napari's window is composed through
+    OpenGL, which on a software renderer (llvmpipe: Xvfb, remote desktops, VMs) takes CPU
+    from the computation (measured on 2 cores: 7 progress repaints added ~0.13 s to a 1.2 s
+    restore). When the panel is destroyed (its dock widget deleted, the viewer closed), its
+    job is cancelled and no callback touches the widgets any more.
     """
+
+    #: seconds between two drawn progress reports
+    PROGRESS_INTERVAL = 0.25
 
     def __init__(self, scheduler: Scheduler, run_text: str,
                  parent: Optional[QWidget] = None) -> None:
@@ -245,6 +254,11 @@ class JobPanel(QWidget):
         self.progress_bar.setTextVisible(False)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self._pending: Optional[Progress] = None
+        self._drawn_at = -math.inf
+        self._progress_timer = QTimer(self)
+        self._progress_timer.setSingleShot(True)
+        self._progress_timer.timeout.connect(self._draw_pending)
         row = QHBoxLayout()
         row.addLayout(self._buttons)
         row.addWidget(self.cancel_button)
@@ -287,8 +301,10 @@ class JobPanel(QWidget):
         """Run ``task``; ``on_result(value)`` gets what it returned, ``on_update(obj)`` every
         typed update it sent that is not a :class:`Progress` (those drive the bar), and
         ``on_done(job)`` runs last whatever the outcome (after the panel reset itself)."""
+        self._drop_pending()
         self.progress_bar.setValue(0)
         self.status.setText(f"{task.name}...")
+        self._drawn_at = time.monotonic()
         self.cancel_button.setEnabled(True)
         self._life.job = self.scheduler.submit(
             task, on_update=self.guard(partial(self._on_update, on_update)),
@@ -319,12 +335,30 @@ class JobPanel(QWidget):
             if typed is not None:
                 typed(update)
             return
+        self._pending = update
+        wait = self._drawn_at + self.PROGRESS_INTERVAL - time.monotonic()
+        if wait <= 0:
+            self._draw_pending()
+        elif not self._progress_timer.isActive():
+            self._progress_timer.start(max(1, math.ceil(1000 * wait)))
+
+    def _draw_pending(self) -> None:
+        update, self._pending = self._pending, None
+        if update is None or not self.running:
+            return
+        self._drawn_at = time.monotonic()
         self.progress_bar.setValue(round(1000 * update.fraction))
         if update.message:
             self.status.setText(update.message)
 
+    def _drop_pending(self) -> None:
+        self._pending = None
+        self._progress_timer.stop()
+        self._drawn_at = -math.inf
+
     def _on_done(self, then: Optional[Callable[[Job], None]], job: Job) -> None:
         if job is self.job:
+            self._drop_pending()
             self.cancel_button.setEnabled(False)
             self._sync_buttons()
             if job.state == "done":
