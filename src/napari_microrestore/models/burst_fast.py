@@ -149,9 +149,9 @@ class BurstFastNet(nn.Module):
     Input ``(N, T, C, H, W)`` registered frames, any ``T >= 1``; output ``(N, C, H, W)``;
     invariant to the order of the frames (up to float rounding of the mean).
 
-    Without autograd (inference) the forward runs frame by frame and never concatenates
-    (:meth:`forward_lean`): the same output up to float rounding, no tensor larger than one
-    frame's features. Besides a smaller peak, that matters on the CPU in a worker thread:
+    Without autograd (inference) on the CPU the forward runs frame by frame and never
+    concatenates (:meth:`forward_lean`): the same output up to float rounding, no tensor
+    larger than one frame's features. Besides a smaller peak, that matters in a worker thread:
     glibc serves a thread's allocations above its 64 MB heap size with a fresh ``mmap``, so a
     batched forward on a 1024^2 tile (five frames' features in one 200 MB tensor) page-faults
     and zeroes every layer's output afresh (1.8x slower than on the main thread); frame by
@@ -165,6 +165,9 @@ class BurstFastNet(nn.Module):
     task = "burst-deblur"
     scale = 1
     multiple = 8
+    #: frame-by-frame inference: None = on the CPU only (a GPU's throughput with batched
+    #: frames against its smaller peak memory is still to be measured on a lent GPU)
+    lean_inference: bool | None = None
 
     def __init__(
         self,
@@ -215,13 +218,17 @@ class BurstFastNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Restore ``(N, T, C, H, W)`` registered frames into ``(N, C, H, W)``.
 
-        Batched over frames when autograd is on (training), frame by frame otherwise
-        (:meth:`forward_lean`).
+        Batched over frames when autograd is on (training) or on a GPU, frame by frame on
+        the CPU without autograd (:meth:`forward_lean`; ``lean_inference`` True / False
+        forces it on / off wherever autograd is off).
         """
         check_input(
             x, ndim=5, channels=self.in_channels, multiple=self.multiple, name="BurstFastNet"
         )
-        if not torch.is_grad_enabled():
+        lean = self.lean_inference
+        if lean is None:
+            lean = x.device.type == "cpu"
+        if lean and not torch.is_grad_enabled():
             return self.forward_lean(x)
         n = x.shape[0]
         feats = F.pixel_unshuffle(x.flatten(0, 1), 2)
