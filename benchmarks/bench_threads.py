@@ -30,24 +30,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 _CHILD = r"""
 import json, resource, sys, threading, time
-import numpy as np
+import torch
 from napari_microrestore.engine.restore import run_net
 from napari_microrestore.models.zoo import get_card, load_model
+
+from bench_models import BURST_ARCHS, example  # the input layout of every architecture
 
 model, mode, size, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 card = get_card(model)
 net = load_model(card, device="cpu").eval()
-rng = np.random.default_rng(0)
-if card.is_burst and card.task != "single-deblur":
-    x, burst = rng.normal(size=(5, size, size)), True
-elif card.task == "single-deblur":
-    x, burst = rng.normal(size=(card.frames["max"], size, size)), False
-elif card.task == "sstem":
-    x, burst = rng.normal(size=(4, size, size)), False
-    x[3] = 1.0  # a missing section: the mask channel is all ones
-else:
-    x, burst = rng.normal(size=(int(card.input.get("channels", 1)), size, size)), False
-x = x.astype(np.float32)
+torch.manual_seed(0)
+burst = card.architecture in BURST_ARCHS
+x = example(card.architecture, dict(card.kwargs), size)[0].numpy()
+if burst:
+    x = x[:, 0]  # (T, 1, H, W) -> (T, H, W), as run_net takes bursts
 times, faults = [], []
 
 
@@ -73,7 +69,7 @@ print(json.dumps({"times": times, "faults": faults}))
 
 def measure(model: str, mode: str, size: int, repeat: int) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"),
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), str(REPO / "benchmarks"),
                                                       env.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _CHILD, model, mode, str(size), str(repeat)],
                           capture_output=True, text=True, env=env, timeout=3600, check=False)

@@ -604,9 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "one a malloc arena whose heaps hold at most 64 MB, so large activation "
                     "tensors are mapped and page-faulted afresh in every layer there. The burst "
                     "models are built to avoid it (Restore widget 1.17x a plain process on 2 "
-                    "cores, 1.13x with one arena; benchmarks/bench_worker.py); one arena keeps "
-                    "every model as fast in the worker as on a main thread. Other arguments go "
-                    "to napari.")
+                    "cores, 1.13x with one arena; benchmarks/bench_worker.py); one arena spares "
+                    "every model those page faults (sr2x and sstem-restore ran up to 2x slower "
+                    "in a worker thread: benchmarks/bench_threads.py). Other arguments go to "
+                    "napari.")
     nap.add_argument("napari_args", nargs=argparse.REMAINDER, help="passed on to napari")
     nap.set_defaults(func=_cmd_napari)
     return p

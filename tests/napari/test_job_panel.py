@@ -44,13 +44,26 @@ def test_progress_is_drawn_at_a_bounded_rate_and_the_latest_report_wins(qtbot):
     assert drawn == sorted(drawn)
 
 
+def _reports_then_ignores_cancel(*, progress=None, cancel=None) -> str:
+    for i in range(1, 11):
+        report(progress, i / 10, f"step {i}")
+    time.sleep(1.0)                                # deaf to cancel for a while
+    check_cancel(cancel)
+    return "ok"
+
+
 def test_a_report_pending_at_cancel_is_not_drawn(qtbot):
     panel = JobPanel(Scheduler(), "Run")
     qtbot.addWidget(panel)
-    job = panel.submit(Task("reports", _burst_of_reports), lambda _: None)
-    qtbot.waitUntil(lambda: panel.status.text() == "last stretch", timeout=5000)
+    job = panel.submit(Task("reports", _reports_then_ignores_cancel), lambda _: None)
+    # the reports arrive within the first interval after submit: held back, not drawn
+    qtbot.waitUntil(lambda: panel._pending is not None, timeout=5000)
+    assert panel.progress_bar.value() == 0
+    drawn: list[int] = []
+    panel.progress_bar.valueChanged.connect(drawn.append)
     panel.cancel()
+    qtbot.wait(int(2000 * JobPanel.PROGRESS_INTERVAL))   # the timer's time has passed
+    assert not job.done and panel.status.text() == "cancelling..." and drawn == []
     qtbot.waitUntil(lambda: job.done, timeout=5000)
-    qtbot.wait(int(2000 * JobPanel.PROGRESS_INTERVAL))
-    assert job.state == "cancelled"
+    assert job.state == "cancelled" and drawn == []
     assert panel.progress_bar.value() == 0 and panel.status.text() == "cancelled"

@@ -209,9 +209,10 @@ class _ComputeThreads:
     A warm thread keeps its glibc malloc arena and OpenMP thread team from job to job. (Any
     thread but the main one allocates from an arena of 64 MB heaps: see ``engine.restore.
     cpu_heap``, the frame-by-frame inference of the burst nets and benchmarks/bench_worker.py
-    for what keeps CPU inference here as fast as on a main thread.) An idle thread is reused;
-    a new one starts only when all are busy, so concurrent jobs never wait for each other. Threads are daemons: a computation left running never
-    keeps the interpreter from exiting.
+    for what keeps CPU inference here close to a main thread's speed.) An idle thread is
+    reused; a new one starts only when all are busy, so concurrent jobs never wait for each
+    other. Threads are daemons: a computation left running never keeps the interpreter from
+    exiting.
     """
 
     def __init__(self) -> None:

@@ -197,10 +197,11 @@ def cpu_heap():
     page free at its top, whatever the trim threshold, so a forward creates, page-faults and
     unmaps dozens of heaps. A top pad of one heap size keeps them (measured: run_net in a
     ``threading.Thread`` 1.15-1.29 s -> 1.00-1.02 s, main thread 0.96-0.99 s, tem-burst-fast
-    on a 5 x 1024^2 burst). Any ``mallopt`` call freezes glibc's
-    dynamic thresholds, so they are left where glibc's own heuristic takes them in a process
-    that frees large arrays (mmap above 32 MB, trim above 64 MB) rather than at the start-up
-    defaults, which would page-fault every few-MB numpy temporary (e.g. in registration).
+    on a 5 x 1024^2 burst).
+
+    Any ``mallopt`` call freezes glibc's dynamic thresholds, so they are left where glibc's
+    own heuristic takes them in a process that frees large arrays (mmap above 32 MB, trim
+    above 64 MB) rather than at the start-up defaults, which would page-fault every few-MB numpy temporary (e.g. in registration).
     Nested and thread-safe; a no-op elsewhere.
     """
     global _HEAP_USERS

@@ -222,14 +222,14 @@ class BurstFastNet(nn.Module):
         the CPU without autograd (:meth:`forward_lean`; ``lean_inference`` True / False
         forces it on / off wherever autograd is off).
         """
-        check_input(
-            x, ndim=5, channels=self.in_channels, multiple=self.multiple, name="BurstFastNet"
-        )
         lean = self.lean_inference
         if lean is None:
             lean = x.device.type == "cpu"
         if lean and not torch.is_grad_enabled():
-            return self.forward_lean(x)
+            return self.forward_lean(x)  # checks x itself
+        check_input(
+            x, ndim=5, channels=self.in_channels, multiple=self.multiple, name="BurstFastNet"
+        )
         n = x.shape[0]
         feats = F.pixel_unshuffle(x.flatten(0, 1), 2)
         pooled = []

@@ -327,6 +327,7 @@ class JobPanel(QWidget):
     def cancel(self) -> None:
         if self.running:
             self.job.cancel()
+            self._drop_pending()  # a report still waiting to be drawn is stale now
             self.cancel_button.setEnabled(False)
             self.status.setText("cancelling...")
 
