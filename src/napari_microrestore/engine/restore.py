@@ -201,8 +201,8 @@ def cpu_heap():
 
     Any ``mallopt`` call freezes glibc's dynamic thresholds, so they are left where glibc's
     own heuristic takes them in a process that frees large arrays (mmap above 32 MB, trim
-    above 64 MB) rather than at the start-up defaults, which would page-fault every few-MB numpy temporary (e.g. in registration).
-    Nested and thread-safe; a no-op elsewhere.
+    above 64 MB) rather than at the start-up defaults, which would page-fault every few-MB
+    numpy temporary (e.g. in registration). Nested and thread-safe; a no-op elsewhere.
     """
     global _HEAP_USERS
     lib = _glibc()
