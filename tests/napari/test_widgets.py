@@ -172,6 +172,7 @@ def test_restore_model_picker_shows_cards_and_refreshes(make_napari_viewer, qtbo
 @pytest.mark.parametrize("model_id", ["registered-mean", "tem-burst-fast"])
 def test_restore_a_burst_adds_a_layer_with_provenance(make_napari_viewer, qtbot, burst, notes,
                                                       model_id):
+    from napari_microrestore.engine import compute_process
     from napari_microrestore.engine.restore import resolve_device, restore
 
     viewer = make_napari_viewer()
@@ -180,6 +181,7 @@ def test_restore_a_burst_adds_a_layer_with_provenance(make_napari_viewer, qtbot,
     qtbot.waitUntil(lambda: w.device_job.done, timeout=WAIT)
     w.set_model(model_id)
     assert w.layer_combo.layer() is src
+    calls = compute_process.shared().calls
     click(qtbot, w.panel.run_button)
     name = f"burst restored ({model_id})"
     qtbot.waitUntil(lambda: name in viewer.layers, timeout=WAIT)
@@ -196,6 +198,8 @@ def test_restore_a_burst_adds_a_layer_with_provenance(make_napari_viewer, qtbot,
     assert prov["reference"] == burst.reference == 2        # "middle" = T // 2
     assert len(prov["registration"]["transforms"]) == 5
     assert w.device_label.text().startswith(f"ran on: {expected_device}")
+    # on the CPU the engine ran in the compute process (a main thread), not in the worker
+    assert compute_process.shared().calls == calls + (expected_device == "cpu")
     # the widget's action replays headless through the engine with the same parameters
     replay = restore(burst.frames, model_id, device="auto", **{
         k: prov["parameters"][k] for k in ("reference", "register", "motion")}).image

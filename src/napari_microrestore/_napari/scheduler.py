@@ -23,6 +23,18 @@ yielded update to the GUI thread. The generator ends by *returning* a :class:`Re
 ``RuntimeError`` (and so :class:`~napari_microrestore.core.errors.Cancelled`) without
 emitting any signal.
 
+CPU inference in the compute process
+------------------------------------
+A thread is not a main thread: glibc's per-thread malloc arenas page-fault large activation
+tensors afresh in every layer, and sr2x, sstem-restore and tem-single ran ~2x slower in a
+worker thread than in ``microrestore restore`` (benchmarks/bench_threads.py). So a task whose
+callable restores on the CPU hands the engine call to
+:func:`~napari_microrestore.engine.compute_process.offload`, which runs it on the main thread
+of a long-lived compute process (progress and cancel cross over; GPU work, a second
+concurrent job and ``MICRORESTORE_CPU_PROCESS=0`` stay in the worker thread). The widgets
+start that process ahead of time with :func:`prestart_compute_process` when a CPU device is
+chosen, so the first run does not wait for it to import torch.
+
 Cancel
 ------
 Every job owns a :class:`~napari_microrestore.core.errors.CancelToken`, passed as ``cancel=`` to
@@ -372,6 +384,20 @@ def get_scheduler() -> Scheduler:
     if _DEFAULT is None:
         _DEFAULT = Scheduler()
     return _DEFAULT
+
+
+def prestart_compute_process(device: str, devices: Optional[list[str]] = None) -> bool:
+    """Start the compute process in the background if ``device`` will compute on the CPU
+    (``cpu``, or ``auto`` when ``devices``, the listed choices, has no GPU). Returns whether it
+    was asked to start; never blocks and never imports torch (GUI-thread safe)."""
+    from ..engine import compute_process
+
+    gpus = [d for d in (devices or []) if d.startswith(("cuda", "mps"))]
+    on_cpu = device == "cpu" or (device == "auto" and devices is not None and not gpus)
+    if on_cpu and compute_process.enabled():
+        compute_process.prestart()
+        return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------

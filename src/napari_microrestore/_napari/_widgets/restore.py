@@ -83,10 +83,18 @@ from ...core.io import ImageData
 from ...engine import batch as engine_batch
 from ...engine import restore as engine
 from ...engine import stream as engine_stream
+from ...engine.compute_process import offload
 from ...models.zoo import ModelCard
 from .._geometry import Box, BurstWindow, pixel_box, view_corners
 from .._reader import read_layers
-from ..scheduler import Job, Scheduler, Task, available_devices, get_scheduler
+from ..scheduler import (
+    Job,
+    Scheduler,
+    Task,
+    available_devices,
+    get_scheduler,
+    prestart_compute_process,
+)
 from ._common import (
     WINDOWS,
     DeviceComboBox,
@@ -154,8 +162,11 @@ def restore_region(data: Any, model: ModelCard, *, start: Optional[int] = None,
         if masks is not None:
             masks = masks[(Ellipsis, *outer.slices)]
     if masks is not None:
-        kwargs["masks"] = masks
-    res = engine.restore(data, model, progress=progress, cancel=cancel, **kwargs)
+        kwargs["masks"] = np.asarray(masks)
+    # on the CPU the engine runs in the compute process (a main thread: see
+    # engine.compute_process); only the part read here travels there
+    res = offload(engine.restore, data=np.asarray(data), model=model, progress=progress,
+                  cancel=cancel, **kwargs)
     prov = res.provenance
     if start is not None:
         prov["stream_window"] = {"start": start, "stop": stop}
@@ -253,6 +264,7 @@ class RestoreWidget(QWidget):
         self.destroyed.connect(self._live_life.end)
         self._live_group = f"live {id(self):x}"
         self._devices_listed = False
+        self._devices: Optional[list[str]] = None   # the listed device choices
         self._live_timer = QTimer(self)
         self._live_timer.setSingleShot(True)
         self._live_timer.setInterval(DEBOUNCE_MS)
@@ -293,6 +305,7 @@ class RestoreWidget(QWidget):
         self.reference_spin.valueChanged.connect(self._show_window)
         self.frames_spin.valueChanged.connect(self._frames_changed)
         self.device_combo.currentIndexChanged.connect(self._save_settings)
+        self.device_combo.currentIndexChanged.connect(self._prestart)
         self.register_check.toggled.connect(self._save_settings)
         self.margin_spin.valueChanged.connect(self._save_settings)
         self.workers_spin.valueChanged.connect(self._save_settings)
@@ -352,7 +365,14 @@ class RestoreWidget(QWidget):
 
     def _set_devices(self, devices: list[str]) -> None:
         self.device_combo.set_devices(devices, wanted=self._wanted_device)
+        self._devices = list(devices)
         self._devices_listed = True
+        self._prestart()
+
+    def _prestart(self, *_: Any) -> None:
+        """CPU chosen (or auto without a GPU): start the compute process now, so that the
+        first run does not wait for it."""
+        prestart_compute_process(self.device_combo.currentText(), self._devices)
 
     def _model_changed(self, _index: int = 0) -> None:
         card = self.card()
