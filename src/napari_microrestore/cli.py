@@ -598,16 +598,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_evaluate)
 
     nap = sub.add_parser(
-        "napari", help="start napari set up for fast CPU restoration (MALLOC_ARENA_MAX=1)",
-        description="Start napari with MALLOC_ARENA_MAX=1 in its environment. The plugin "
-                    "restores in a worker thread, and glibc gives every thread but the main "
-                    "one a malloc arena whose heaps hold at most 64 MB, so large activation "
-                    "tensors are mapped and page-faulted afresh in every layer there. The burst "
-                    "models are built to avoid it (Restore widget 1.17x a plain process on 2 "
-                    "cores, 1.13x with one arena; benchmarks/bench_worker.py); one arena spares "
-                    "every model those page faults (sr2x and sstem-restore ran up to 2x slower "
-                    "in a worker thread: benchmarks/bench_threads.py). Other arguments go to "
-                    "napari.")
+        "napari", help="start napari with MALLOC_ARENA_MAX=1 (faster CPU work in threads)",
+        description="Start napari with MALLOC_ARENA_MAX=1 in its environment. The plugin's "
+                    "CPU restores run on the main thread of its compute process whatever the "
+                    "environment (Restore widget 1.10-1.18x a plain process on 2 cores, "
+                    "benchmarks/bench_worker.py). What still computes in napari's worker "
+                    "threads (fine-tuning, probes; everything with MICRORESTORE_CPU_PROCESS=0) "
+                    "allocates from glibc thread arenas, whose heaps hold at most 64 MB, so "
+                    "large tensors are mapped and page-faulted afresh in every layer there; one "
+                    "arena for every thread spares them that (a restore in a worker thread: "
+                    "sr2x 1.92x -> 1.26x, tem-single 1.72x -> 1.37x a plain process). Other "
+                    "arguments go to napari.")
     nap.add_argument("napari_args", nargs=argparse.REMAINDER, help="passed on to napari")
     nap.set_defaults(func=_cmd_napari)
     return p

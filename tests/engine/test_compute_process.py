@@ -20,6 +20,10 @@ def where(device: str = "cpu") -> tuple[int, bool]:
     return os.getpid(), threading.current_thread() is threading.main_thread()
 
 
+def where_with(data: np.ndarray, device: str = "cpu") -> tuple[int, bool]:
+    return where(device)
+
+
 def steps(n: int, *, device: str = "cpu", progress=None, cancel=None) -> np.ndarray:
     """Report ``n`` steps (checking the cancel token before each), return their squares."""
     out = []
@@ -162,17 +166,47 @@ def test_try_call_does_not_wait_for_a_busy_process(proc):
 
 
 # ---- offload -------------------------------------------------------------------------------
+def in_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a worker thread (offload never leaves a main thread)."""
+    out = []
+
+    def run():
+        try:
+            out.append((True, fn(*args, **kwargs)))
+        except BaseException as exc:  # noqa: BLE001
+            out.append((False, exc))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
 def test_offload_sends_cpu_calls_and_keeps_the_rest_here(monkeypatch):
     child = cp.shared()
     assert child.wait_ready()
-    assert cp.offload(where, device="cpu")[0] == child.pid
+    assert in_thread(cp.offload, where, device="cpu")[0] == child.pid
+    assert cp.offload(where, device="cpu")[0] == os.getpid()  # a main thread stays here
 
     def local(device):  # cannot travel: runs in this process
         return where(device)
 
-    assert cp.offload(local, device="cpu")[0] == os.getpid()
+    assert in_thread(cp.offload, local, device="cpu")[0] == os.getpid()
     monkeypatch.setenv(cp.ENV, "0")
-    assert cp.offload(where, device="cpu")[0] == os.getpid()
+    assert in_thread(cp.offload, where, device="cpu")[0] == os.getpid()
+
+
+def test_offload_keeps_inputs_too_large_to_copy_here(monkeypatch):
+    assert cp.shared().wait_ready()
+    monkeypatch.setattr(cp, "_copy_budget", lambda: 1000)
+    assert in_thread(cp.offload, where, device="cpu")[0] == cp.shared().pid  # no arrays
+    big = {"data": np.zeros(1001, np.uint8)}
+    assert in_thread(cp.offload, where_with, device="cpu", **big)[0] == os.getpid()
+    monkeypatch.setattr(cp, "_copy_budget", lambda: 2000)
+    assert in_thread(cp.offload, where_with, device="cpu", **big)[0] == cp.shared().pid
 
 
 def test_offload_runs_here_while_the_process_is_busy():
@@ -186,7 +220,7 @@ def test_offload_runs_here_while_the_process_is_busy():
     t.start()
     try:
         assert started.wait(30)
-        assert cp.offload(where, device="cpu")[0] == os.getpid()
+        assert in_thread(cp.offload, where, device="cpu")[0] == os.getpid()
     finally:
         token.cancel()
         t.join(30)
@@ -197,11 +231,14 @@ def test_offloaded_restore_equals_the_engine_here():
     burst = rng.poisson(30, (3, 96, 112)).astype(np.float32)
     here = engine.restore(burst, "tem-burst-fast", device="cpu")
     seen = []
-    there = cp.offload(engine.restore, data=burst, model="tem-burst-fast", device="cpu",
-                       progress=lambda f, m: seen.append(f), cancel=CancelToken())
+    calls = cp.shared().calls
+    there = in_thread(cp.offload, engine.restore, data=burst, model="tem-burst-fast",
+                      device="cpu", progress=lambda f, m: seen.append(f), cancel=CancelToken())
+    assert cp.shared().calls == calls + 1
     # the same computation (bit-equal with the same torch thread count in both processes)
     np.testing.assert_allclose(there.image, here.image, rtol=1e-5, atol=1e-4)
     assert there.provenance["registration"] == here.provenance["registration"]
     assert seen and seen[-1] == 1.0
     with pytest.raises(InputError, match="3-D"):
-        cp.offload(engine.restore, data=burst[0], model="tem-burst-fast", device="cpu")
+        in_thread(cp.offload, engine.restore, data=burst[0], model="tem-burst-fast",
+                  device="cpu")

@@ -84,6 +84,30 @@ def test_burst_net_equals_per_window_restore(stream):
     assert res.provenance["weights_sha256"] and res.provenance["device"] == "cpu"
 
 
+def test_off_the_main_thread_each_window_runs_in_the_compute_process(stream):
+    """napari's worker thread: every window goes to the compute process, same numbers, and
+    the frames still arrive as typed updates in order."""
+    import threading
+
+    from napari_microrestore.engine import compute_process
+
+    child = compute_process.shared()
+    assert child.wait_ready()
+    calls, got, updates = child.calls, [], []
+    t = threading.Thread(target=lambda: got.append(restore_stream(
+        stream, "tem-burst-fast", indices=[0, 4, 7], device="cpu",
+        on_update=updates.append, progress=lambda f, m: None)))
+    t.start()
+    t.join(120)
+    assert child.calls == calls + 3
+    res = got[0]
+    assert [u.index for u in updates] == [0, 4, 7]
+    for k, centre in enumerate(res.indices):
+        expected = _per_window(stream, "tem-burst-fast", centre, 5)
+        scale = float(np.abs(expected).max())
+        assert np.abs(res.images[k] - expected).max() < 1e-3 * scale
+
+
 def test_indices_subset_order_and_typed_updates(stream):
     updates: list[StreamFrame] = []
     fractions: list[float] = []

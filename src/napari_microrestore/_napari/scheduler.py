@@ -219,9 +219,9 @@ class _ComputeThreads:
     """Long-lived daemon threads that run the jobs' computations, reused from job to job.
 
     A warm thread keeps its glibc malloc arena and OpenMP thread team from job to job. (Any
-    thread but the main one allocates from an arena of 64 MB heaps: see ``engine.restore.
-    cpu_heap``, the frame-by-frame inference of the burst nets and benchmarks/bench_worker.py
-    for what keeps CPU inference here close to a main thread's speed.) An idle thread is
+    thread but the main one allocates from an arena of 64 MB heaps, which is why CPU restores
+    go on to the compute process: see the module notes, ``engine.restore.cpu_heap`` and
+    benchmarks/bench_worker.py.) An idle thread is
     reused; a new one starts only when all are busy, so concurrent jobs never wait for each
     other. Threads are daemons: a computation left running never keeps the interpreter from
     exiting.

@@ -21,10 +21,12 @@ progress reports come back as they happen and a cancel travels the other way, ch
 the child at the same points as a thread's token (``raise_if_cancelled``). Exceptions come
 back with the child's traceback as their ``__cause__``.
 
-:func:`offload` is what the scheduler's tasks call: it uses the process when the call runs on
-the CPU, the function can be sent and the process is free, else it runs the call right here
-(GPU work, a second concurrent job, a monkeypatched function, ``MICRORESTORE_CPU_PROCESS=0``,
-or a process that could not start). One process serves one call at a time; a call that a
+:func:`offload` is what the scheduler's tasks call (and the engine's loops that restore window
+after window): it uses the process when it is called from a thread other than the main one,
+the call runs on the CPU, the function can be sent and the process is free, else it runs the
+call right here (the CLI and scripts on their main thread, GPU work, a second concurrent job,
+a monkeypatched function, ``MICRORESTORE_CPU_PROCESS=0``, or a process that could not
+start). One process serves one call at a time; a call that a
 newer request cancelled is waited for, so the newest live request does not fall back to the
 slow path while the previous one unwinds.
 
@@ -388,6 +390,20 @@ def shared() -> ComputeProcess:
         return _SHARED
 
 
+def _copy_budget() -> float:
+    """The most input bytes worth copying to the compute process: a quarter of the memory
+    available now (``/proc/meminfo``; 2 GB where that cannot be read). The child holds a
+    copy while it computes, so a stack near the memory limit stays in this process."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 4
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2e9
+
+
 def prestart() -> None:
     """Start the shared compute process now (returns at once), so that the first CPU restore
     does not wait for it to import torch. Does nothing when it is switched off."""
@@ -399,10 +415,17 @@ def offload(func: Callable, /, *, device: str = "auto",
             progress: Optional[ProgressCallback] = None,
             cancel: Optional[CancelToken] = None, **kwargs: Any) -> Any:
     """``func(device=device, **kwargs, progress=..., cancel=...)``, in the compute process when
-    it runs on the CPU (see the module docstring for when it runs here instead)."""
+    called off the main thread for the CPU (see the module docstring for when it runs here
+    instead). ``func`` takes ``device`` (and ``model``, a card, where it has one)."""
     extra = _wanted(func, progress=progress, cancel=cancel)
     here = lambda: func(device=device, **kwargs, **extra)  # noqa: E731
-    if not enabled() or not _sendable(func):
+    if (threading.current_thread() is threading.main_thread() or not enabled()
+            or not _sendable(func)):
+        return here()  # a main thread (the CLI, a script) is already the fast place
+    payload = sum(v.nbytes for v in kwargs.values() if isinstance(v, np.ndarray))
+    if payload > _copy_budget():
+        log.info("computing in this thread: %.1f GB of input would be copied to the compute "
+                 "process", payload / 1e9)
         return here()
     from .restore import resolve_device
 

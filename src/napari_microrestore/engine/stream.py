@@ -40,6 +40,7 @@ import numpy as np
 
 from ..core.errors import CancelToken, InputError, ProgressCallback, check_cancel, report
 from ..models.zoo import ModelCard, get_card
+from .compute_process import offload
 from .restore import cpu_heap, resolve_device, restore
 
 
@@ -190,9 +191,10 @@ def restore_stream(data: Any, model: str | ModelCard, *,
                 report(progress, (k + f) / len(idx),
                        f"frame {centre} ({k + 1}/{len(idx)}): {m}")
 
-            res = restore(stack, card, device=dev, reference=used.index(centre),
-                          register=register, motion=motion, tile=tile,
-                          progress=sub if progress else None, cancel=cancel)
+            # off the main thread (napari's worker), on the CPU: in the compute process
+            res = offload(restore, data=stack, model=card, device=dev,
+                          reference=used.index(centre), register=register, motion=motion,
+                          tile=tile, progress=sub if progress else None, cancel=cancel)
             images[k] = res.image
             seconds = time.perf_counter() - t_frame
             prov = res.provenance
