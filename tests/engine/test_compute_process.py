@@ -147,6 +147,27 @@ def test_a_dying_child_is_reported_and_replaced():
         p.close()
 
 
+def test_a_process_that_cannot_start_is_given_up_after_two_tries(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\ncat > /dev/null\nexit 7\n")  # reads the key, then exits
+    fake.chmod(0o755)
+    for python, why in ((str(fake), "exited with code 7"),
+                        (str(tmp_path / "missing"), "could not start")):
+        p = cp.ComputeProcess(startup_timeout=30, python=python)
+        for _ in range(2):
+            with pytest.raises(cp.ProcessUnavailable, match=why):
+                p.call(where, {})
+        assert p.start_failures == 2
+        t0 = time.monotonic()
+        with pytest.raises(cp.ProcessUnavailable, match="not tried again"):
+            p.call(where, {})
+        assert time.monotonic() - t0 < 1 and p.start_failures == 2
+        p.close()
+    # no thread is left waiting for a child that never came
+    time.sleep(0.3)
+    assert not [t for t in threading.enumerate() if t.name.startswith("microrestore: compute")]
+
+
 def test_try_call_does_not_wait_for_a_busy_process(proc):
     token = CancelToken()
     started = threading.Event()

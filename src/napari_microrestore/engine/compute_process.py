@@ -140,8 +140,13 @@ class ComputeProcess:
     for the non-waiting form).
     """
 
-    def __init__(self, startup_timeout: float = 120.0) -> None:
+    #: starts that failed (the child did not get ready) before giving up for this session
+    MAX_START_FAILURES = 2
+
+    def __init__(self, startup_timeout: float = 120.0, python: Optional[str] = None) -> None:
         self.startup_timeout = float(startup_timeout)
+        self.python = python or sys.executable
+        self.start_failures = 0
         self._lock = threading.Lock()          # held by the one running call
         self._state_lock = threading.Lock()
         self._proc: Optional[subprocess.Popen] = None
@@ -162,12 +167,20 @@ class ComputeProcess:
         with self._state_lock:
             if self.running:
                 return
+            if self.start_failures >= self.MAX_START_FAILURES:
+                if self._proc is not None or not (self._failed or "").endswith("session)"):
+                    self._failed = (f"{self._failed or 'the compute process did not start'} "
+                                    f"({self.start_failures} tries; not tried again in this "
+                                    "session)")
+                    self._proc = None
+                self._ready.set()
+                return
             self._stop_locked()
-            self._ready.clear()
-            self._failed = None
+            ready = self._ready = threading.Event()  # this start's own (older threads may
+            self._failed = None                        # still set theirs)
             key = os.urandom(32)
             listener = Listener(authkey=key)
-            cmd = [sys.executable, "-m", "napari_microrestore.engine.compute_process",
+            cmd = [self.python, "-m", "napari_microrestore.engine.compute_process",
                    str(listener.address)]
             kwargs: dict[str, Any] = {"stdin": subprocess.PIPE}
             if os.name == "posix":
@@ -180,16 +193,19 @@ class ComputeProcess:
                 proc.stdin.close()
             except OSError as exc:
                 listener.close()
-                self._failed = f"could not start {sys.executable}: {exc}"
-                self._ready.set()
+                self.start_failures += 1
+                self._failed = f"could not start {self.python}: {exc}"
+                ready.set()
                 return
             self._proc = proc
-            threading.Thread(target=self._accept, args=(listener, proc), daemon=True,
+            threading.Thread(target=self._accept, args=(listener, proc, ready), daemon=True,
                              name="microrestore: compute process start").start()
-            threading.Thread(target=self._watch_start, args=(listener, proc), daemon=True,
+            threading.Thread(target=self._watch_start, args=(listener, proc, key, ready),
+                             daemon=True,
                              name="microrestore: compute process watch").start()
 
-    def _accept(self, listener: Listener, proc: subprocess.Popen) -> None:
+    def _accept(self, listener: Listener, proc: subprocess.Popen,
+                ready: threading.Event) -> None:
         try:
             conn = listener.accept()
             kind, pid = recv(conn)
@@ -198,8 +214,7 @@ class ComputeProcess:
             # functions travel by reference: let the child import what this process can
             send(conn, ("path", list(sys.path)))
         except Exception as exc:
-            if self._proc is proc and self._failed is None:
-                self._failed = f"the compute process did not start: {exc}"
+            self._fail(proc, f"the compute process did not start: {exc}")
         else:
             if self._proc is proc:
                 self._conn, self.pid = conn, int(pid)
@@ -208,25 +223,36 @@ class ComputeProcess:
                 conn.close()
         finally:
             listener.close()
-            self._ready.set()
+            ready.set()
 
-    def _watch_start(self, listener: Listener, proc: subprocess.Popen) -> None:
+    def _watch_start(self, listener: Listener, proc: subprocess.Popen, key: bytes,
+                     ready: threading.Event) -> None:
         """End a start that cannot finish: the child exited or took too long to connect."""
         t0 = time.monotonic()
-        while not self._ready.wait(0.1):
+        while not ready.wait(0.1):
             code = proc.poll()
             late = time.monotonic() - t0 > self.startup_timeout
             if code is not None or late:
-                if self._proc is proc and self._failed is None:
-                    self._failed = (f"the compute process exited with code {code} before it "
-                                    "was ready" if code is not None else
-                                    f"the compute process was not ready after "
-                                    f"{self.startup_timeout:.0f} s")
+                self._fail(proc, f"the compute process exited with code {code} before it "
+                                 "was ready" if code is not None else
+                                 f"the compute process was not ready after "
+                                 f"{self.startup_timeout:.0f} s")
                 if late:
                     proc.kill()
-                listener.close()  # unblocks accept()
-                self._ready.set()
+                try:  # unblock accept() (closing the socket would not, on Linux)
+                    with Client(listener.address, authkey=key) as conn:
+                        send(conn, ("failed", 0))
+                except (OSError, EOFError, ValueError):
+                    pass  # accept() has returned already
+                ready.set()
                 return
+
+    def _fail(self, proc: subprocess.Popen, message: str) -> None:
+        """Record that the start of ``proc`` failed (once per start)."""
+        with self._state_lock:
+            if self._proc is proc and self._failed is None:
+                self._failed = message
+                self.start_failures += 1
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """Start if needed and wait until the child is ready; False if it failed."""
