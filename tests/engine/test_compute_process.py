@@ -54,6 +54,17 @@ def fail(device: str = "cpu") -> None:
     raise InputError("this input is bad")
 
 
+class OddError(Exception):
+    """Pickles, but cannot be rebuilt: its __init__ wants two arguments."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+def fail_oddly(device: str = "cpu") -> None:
+    raise OddError(1, 2)
+
+
 @pytest.fixture(scope="module")
 def proc():
     p = cp.ComputeProcess(startup_timeout=120)
@@ -113,6 +124,9 @@ def test_errors_come_back_with_the_childs_traceback(proc):
     assert isinstance(info.value.__cause__, cp.RemoteTraceback)
     assert "in fail" in info.value.__cause__.text
     assert proc.call(where, {})[0] == proc.pid  # still serving
+    with pytest.raises(RuntimeError, match="OddError: 1 and 2"):
+        proc.call(fail_oddly, {})
+    assert proc.call(where, {})[0] == proc.pid
 
 
 def test_cancel_stops_the_call_and_a_stale_cancel_does_not_leak(proc):

@@ -548,8 +548,8 @@ def _serve(conn: Connection) -> None:
             value = func(**kwargs, **extra)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             text = traceback.format_exc()
-            try:
-                pickle.dumps(exc, protocol=5)
+            try:  # the parent must be able to rebuild it (cv2.error, C extension errors...)
+                pickle.loads(pickle.dumps(exc, protocol=5))
             except Exception:
                 exc = RuntimeError(f"{type(exc).__name__}: {exc}")
             reply("error", call_id, exc, text)
