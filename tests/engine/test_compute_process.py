@@ -249,9 +249,10 @@ def test_offload_runs_here_while_the_process_is_busy():
     assert child.wait_ready()
     token = CancelToken()
     started = threading.Event()
-    t = threading.Thread(target=lambda: pytest.raises(
+    done = []
+    t = threading.Thread(target=lambda: done.append(pytest.raises(
         Cancelled, child.call, until_cancelled, {},
-        progress=lambda f, m: started.set(), cancel=token))
+        progress=lambda f, m: started.set(), cancel=token)))
     t.start()
     try:
         assert started.wait(30)
@@ -259,6 +260,7 @@ def test_offload_runs_here_while_the_process_is_busy():
     finally:
         token.cancel()
         t.join(30)
+    assert done  # the busy call ended on its cancel
 
 
 def test_offloaded_restore_equals_the_engine_here():
