@@ -312,7 +312,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         masks_arr, _ = _load_stack(args.masks, "artefact masks")
         masks = masks_arr > 0
     res = restore(data, card, device=args.device, reference=args.reference,
-                  register=not args.no_register, sections=sections, masks=masks)
+                  register=not args.no_register, sections=sections, masks=masks,
+                  motion_angle=args.motion_angle)
     yx = img.yx_pixel_size
     if yx and card.scale != 1:
         yx = (yx[0] / card.scale, yx[1] / card.scale)
@@ -389,6 +390,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+_ANY_MOTION = (0.0, 180.0)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import yaml
 
@@ -398,7 +402,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     card = get_card(args.model)
     t0 = time.perf_counter()
     res = evaluate(card, device=args.device, seed=args.seed, **(
-        {"n_bursts": args.bursts, "size": args.size, "frames": args.frames}
+        {"n_bursts": args.bursts, "size": args.size, "frames": args.frames,
+         "blur_angle": tuple(args.motion_angle)}
         if card.is_burst else {}))
     v = res["values"]
     if card.is_burst:
@@ -418,6 +423,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         d = yaml.safe_load(card.path.read_text(encoding="utf-8"))
         cmd = (f"microrestore evaluate {card.id} --seed {args.seed} --write-card" + (
             f" --bursts {args.bursts} --size {args.size} --frames {args.frames}"
+            + ("" if tuple(args.motion_angle) == _ANY_MOTION else
+               " --motion-angle {:g} {:g}".format(*args.motion_angle))
             if card.is_burst else ""))
         d["metrics"] = {"command": cmd, "split": res["protocol"]["split"],
                         "protocol": res["protocol"], "values": v}
@@ -520,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     rs.add_argument("--reference", type=int, default=None, help="reference frame (default T//2)")
     rs.add_argument("--no-register", action="store_true", help="frames are already registered")
+    rs.add_argument("--motion-angle", type=float, default=None,
+                    help="burst models: direction the stage moved, degrees from +x towards +y "
+                         "(90 = along the columns; default: from the registration)")
     rs.add_argument("--sections", default=None, help="ssTEM: comma-separated sections to restore")
     rs.add_argument("--masks", default=None,
                     help="ssTEM: (Z, Y, X) artefact masks (non-zero = fold / precipitate)")
@@ -591,6 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bursts", type=int, default=24)
     ev.add_argument("--size", type=int, default=256)
     ev.add_argument("--frames", type=int, default=5)
+    ev.add_argument("--motion-angle", type=float, nargs=2, default=list(_ANY_MOTION),
+                    metavar=("LO", "HI"),
+                    help="burst models: stage-motion directions drawn uniformly from LO-HI "
+                         "degrees (from +x towards +y; default 0 180: any direction)")
     ev.add_argument("--seed", type=int, default=2021)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", help="write all numbers to this JSON file")

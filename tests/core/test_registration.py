@@ -447,3 +447,53 @@ def test_warp_frames_bad_input(base, transforms, kwargs, match):
 
 def test_motions_constant():
     assert MOTIONS == ("translation", "euclidean", "affine")
+
+
+# ------------------------------------------------------------------ stage-motion direction
+def _translations(shifts_yx) -> np.ndarray:
+    tr = np.zeros((len(shifts_yx), 2, 3))
+    tr[:, 0, 0] = tr[:, 1, 1] = 1.0
+    tr[:, 1, 2] = [s[0] for s in shifts_yx]
+    tr[:, 0, 2] = [s[1] for s in shifts_yx]
+    return tr
+
+
+@pytest.mark.parametrize("angle", [0.0, 10.0, 45.0, 90.0, 120.0, 179.0])
+def test_motion_direction_is_the_axis_of_the_frame_offsets(angle):
+    a = np.radians(angle)
+    rng = np.random.default_rng(int(angle))
+    # frames along the line, in acquisition order, with a little jitter across it
+    shifts = [(k * 9 * np.sin(a) + rng.normal(0, 0.2), k * 9 * np.cos(a) + rng.normal(0, 0.2))
+              for k in range(-2, 3)]
+    got = registration.motion_direction(_translations(shifts), (128, 128))
+    assert 0.0 <= got < 180.0
+    diff = abs(got - angle) % 180.0
+    assert min(diff, 180.0 - diff) < 3.0, (got, angle)
+
+
+def test_motion_direction_from_a_real_registration():
+    rng = np.random.default_rng(5)
+    tex = periodic_texture(rng, SIZE)
+    # stage moving along +x (rows fixed): 0 degrees
+    frames = np.stack([fourier_shift(tex, 0.3 * k, 6.0 * k) for k in range(-2, 3)])
+    reg = register_burst(frames, reference=2)
+    got = registration.motion_direction(reg.transforms, frames.shape[1:])
+    assert min(got, 180.0 - got) < 5.0, got
+
+
+def test_motion_direction_unknown_without_motion():
+    assert registration.motion_direction(_translations([(0, 0), (0.5, 0.4), (-0.3, 0.6)]),
+                                         (64, 64)) is None
+    assert registration.motion_direction(_translations([(0, 0)]), (64, 64)) is None
+    # a rotation about the top-left pixel moves the top-left offsets, not the centre
+    rot = np.zeros((3, 2, 3))
+    for k, deg in enumerate((-1.0, 0.0, 1.0)):
+        c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+        centre = np.array([31.5, 31.5])
+        m = np.array([[c, -s], [s, c]])
+        rot[k, :, :2] = m
+        rot[k, :, 2] = centre - m @ centre
+    assert np.ptp(rot[:, :, 2]) > 1.0
+    assert registration.motion_direction(rot, (64, 64)) is None
+    with pytest.raises(InputError, match="shape"):
+        registration.motion_direction(_translations([(0, 0), (0, 5)]), (64,))

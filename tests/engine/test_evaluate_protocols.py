@@ -24,6 +24,12 @@ def test_burst_protocol_classical_mean_has_zero_gain(shared_data):
     res = ev.evaluate_burst(get_card("registered-mean"), n_bursts=2, size=128, device="cpu")
     assert res["values"]["gain_over_mean_db"] == pytest.approx(0.0, abs=1e-6)
     assert len(res["per_burst"]) == 2
+    # any direction of stage motion by default; a range narrows it
+    assert res["protocol"]["motion_angle"] == [0.0, 180.0]
+    res = ev.evaluate_burst(get_card("tem-burst-fast"), n_bursts=2, size=128, device="cpu",
+                            blur_angle=(10.0, 10.0))
+    for row in res["per_burst"]:
+        assert abs(row["blur_angle"] - 10.0) <= 10.0 and row["transposed"] is True
 
 
 def test_defocus_protocol_identity_net_has_zero_gain(shared_data, tmp_path):

@@ -121,3 +121,34 @@ def test_device_tiled_burst_equals_engine_restore(stream):
     diff = got.numpy() - want
     assert np.sqrt((diff ** 2).mean()) < 0.01 * want.std()
     assert np.abs(diff).max() < 0.1 * want.std()
+
+
+def test_a_sideways_stream_is_turned_for_the_net_and_back():
+    """A stage moving along the rows: the first window decides to transpose, and every window
+    still equals engine.restore (which transposes too), in the input's orientation."""
+    rng = np.random.default_rng(8)
+    scene = probes.make_probe("spots-lines", (240, 240), rng=rng) * 100 + 10
+    frames = degrade.simulate_burst(scene, 6, shape=(80, 104), blur_length=4, blur_angle=0.0,
+                                    dose=40, step=3.0, rng=rng).frames.astype(np.float32)
+    live = LivePipeline("tem-burst-fast", device="cpu", window=5)
+    buffer = np.empty_like(frames[0])
+    out = []
+    for frame in frames:  # a camera that reuses one buffer for every frame
+        buffer[...] = frame
+        if (f := live.push(buffer)) is not None:
+            out.append(f)
+    assert live.orientation["transposed"] is True
+    assert min(live.orientation["angle_deg"], 180 - live.orientation["angle_deg"]) < 10
+    assert [f.index for f in out] == [2, 3]
+    for f in out:
+        ref = restore(frames[f.index - 2:f.index + 3], "tem-burst-fast", device="cpu")
+        assert ref.provenance["motion_direction"]["transposed"] is True
+        want = ref.image
+        assert f.image.shape == want.shape == (80, 104)
+        diff = f.image - want
+        assert np.sqrt((diff ** 2).mean()) < 0.02 * want.std()
+        np.testing.assert_allclose(f.shifts, ref.registration.shifts, atol=0.1)
+    told = LivePipeline("tem-burst-fast", device="cpu", window=5, motion_angle=90)
+    last = [told.push(frame) for frame in frames[:5]][-1]
+    assert told.orientation == {"angle_deg": 90.0, "source": "given", "transposed": False}
+    assert not np.allclose(last.image, out[0].image)

@@ -84,6 +84,11 @@ def test_cli_restore_and_models(tmp_path, burst, capsys):
     img = tifffile.imread(out)
     assert img.shape == burst.frames.shape[1:]
     assert json.loads((tmp_path / "r.json").read_text())["model"] == "registered-mean"
+    out = tmp_path / "n.tif"
+    assert cli.main(["restore", str(path), "-o", str(out), "--model", "tem-burst-fast",
+                     "--motion-angle", "0"]) == 0
+    assert json.loads((tmp_path / "n.json").read_text())["motion_direction"] == {
+        "angle_deg": 0.0, "source": "given", "transposed": True}
     assert cli.main(["models"]) == 0
     assert "registered-mean" in capsys.readouterr().out
     bad = tmp_path / "x.tif"
@@ -103,3 +108,87 @@ def test_zoo_net_tiled_equals_whole_image():
     tiled, info = run_net(net, x, burst=True, device="cpu", tile=160)
     assert info_whole["tile"] >= 200 and info["tile"] < 200
     assert np.abs(tiled - whole).max() < 1e-4
+
+
+# ------------------------------------------------------------------ stage-motion orientation
+@pytest.fixture(scope="module")
+def sideways_burst():
+    """A burst whose stage moves along the rows (0 degrees), unlike the training bursts."""
+    rng = np.random.default_rng(4)
+    scene = probes.make_probe("spots-lines", (200, 200), rng=rng) * 100 + 10
+    return degrade.simulate_burst(scene, 5, shape=(96, 112), blur_length=8, blur_angle=0.0,
+                                  angle_jitter=3.0, dose=40, rng=rng)
+
+
+def test_a_sideways_burst_is_transposed_for_the_net_and_back(sideways_burst):
+    pytest.importorskip("torch")
+    frames = sideways_burst.frames
+    side = restore(frames, "tem-burst-fast", device="cpu")
+    md = side.provenance["motion_direction"]
+    assert md["source"] == "registration" and md["transposed"] is True
+    assert min(md["angle_deg"], 180 - md["angle_deg"]) < 10
+    assert side.image.shape == frames.shape[1:]
+    # the same burst turned by hand: the net sees the same pixels (registered frames, so that
+    # ECC's own small asymmetries between rows and columns do not enter)
+    aligned = side.registration.aligned
+    by_angle = restore(aligned, "tem-burst-fast", device="cpu", register=False, motion_angle=0)
+    upright = restore(np.ascontiguousarray(aligned.transpose(0, 2, 1)), "tem-burst-fast",
+                      device="cpu", register=False, motion_angle=90)
+    assert by_angle.provenance["motion_direction"]["transposed"] is True
+    assert upright.provenance["motion_direction"]["transposed"] is False
+    np.testing.assert_allclose(by_angle.image, upright.image.T, rtol=0,
+                               atol=1e-5 * float(np.ptp(upright.image)))
+    # the registration of the turned burst finds the turned motion
+    turned = restore(np.ascontiguousarray(frames.transpose(0, 2, 1)), "tem-burst-fast",
+                     device="cpu")
+    md = turned.provenance["motion_direction"]
+    assert md["transposed"] is False and abs(md["angle_deg"] - 90) < 10
+    # a given direction wins over the registration's
+    told = restore(frames, "tem-burst-fast", device="cpu", motion_angle=90)
+    assert told.provenance["motion_direction"] == {"angle_deg": 90.0, "source": "given",
+                                                   "transposed": False}
+    assert not np.allclose(told.image, side.image)
+
+
+def test_burst_orientation_rules(sideways_burst):
+    from types import SimpleNamespace
+
+    from napari_microrestore.engine.restore import burst_orientation
+    from napari_microrestore.models.zoo import get_card
+
+    net, mean = get_card("tem-burst-fast"), get_card("registered-mean")
+    frames = sideways_burst.frames
+    assert burst_orientation(mean, frames.shape, None, 0.0) == {
+        "angle_deg": None, "source": "not needed", "transposed": False}
+    assert burst_orientation(net, frames.shape, None, 200.0)["angle_deg"] == 20.0  # modulo 180
+    for angle, transposed in ((44.0, True), (45.0, False), (135.0, False), (136.0, True)):
+        assert burst_orientation(net, frames.shape, None, angle)["transposed"] is transposed
+    with pytest.raises(InputError, match="motion_angle"):
+        burst_orientation(net, frames.shape, None, "sideways")
+    # frames that did not move, or were registered before: nothing to read the direction
+    # from (the blur estimate is not reliable enough to act on: it reads blur into noise)
+    still = SimpleNamespace(transforms=np.tile(np.eye(2, 3), (5, 1, 1)))
+    for reg in (still, None):
+        assert burst_orientation(net, frames.shape, reg) == {"angle_deg": None, "source": "unknown",
+                                                       "transposed": False}
+
+
+def test_a_card_can_take_any_direction(tmp_path):
+    import yaml
+
+    from napari_microrestore.models.zoo import get_card, read_card
+
+    card = get_card("tem-burst-fast")
+    assert card.motion_axis == "vertical"
+    d = yaml.safe_load(card.path.read_text())
+    d["weights"]["file"] = str(card.weights_path)
+    for axis, expected in (("any", None), ("diagonal", InputError)):
+        d["input"]["motion_axis"] = axis
+        p = tmp_path / f"{axis}.yaml"
+        p.write_text(yaml.safe_dump(d))
+        c = read_card(p, source="user")
+        if expected is None:
+            assert c.motion_axis is None
+        else:
+            with pytest.raises(InputError, match="motion_axis"):
+                c.motion_axis

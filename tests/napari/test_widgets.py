@@ -198,6 +198,11 @@ def test_restore_a_burst_adds_a_layer_with_provenance(make_napari_viewer, qtbot,
     assert prov["reference"] == burst.reference == 2        # "middle" = T // 2
     assert len(prov["registration"]["transforms"]) == 5
     assert w.device_label.text().startswith(f"ran on: {expected_device}")
+    if model_id != "registered-mean":  # the direction the engine read from the registration
+        import re
+
+        angle = re.search(r"stage motion (\d+) deg", w.device_label.text())
+        assert angle and 80 <= int(angle.group(1)) <= 100  # along the columns
     # on the CPU the engine ran in the compute process (a main thread), not in the worker
     assert compute_process.shared().calls == calls + (expected_device == "cpu")
     # the widget's action replays headless through the engine with the same parameters

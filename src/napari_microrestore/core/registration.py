@@ -374,6 +374,53 @@ def coverage_mask(transforms: Any, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+MIN_MOTION_SPAN = 2.0  # px: below this the frames' positions give no direction
+
+
+def motion_direction(transforms: Any, shape: tuple[int, int], *,
+                     min_span: float = MIN_MOTION_SPAN) -> Optional[float]:
+    """Direction of the stage motion through a burst, from where each frame's centre lands.
+
+    In a TEM stream the stage moves between frames along the same line it moves during each
+    exposure, so the frames' offsets point along the motion blur. The direction is the
+    principal axis of the frame-centre displacements (the centre rather than the top-left
+    pixel, so a euclidean / affine rotation does not read as motion).
+
+    Parameters
+    ----------
+    transforms
+        (T, 2, 3) transforms in the convention of :class:`RegistrationResult`.
+    shape
+        ``(Y, X)`` of a frame.
+    min_span
+        Pixels the centres must spread along that axis for a direction to be reported.
+
+    Returns
+    -------
+    float or None
+        Degrees in [0, 180), measured from +x towards +y (rows) as ``blur_angle`` in
+        :func:`~napari_microrestore.core.degrade.simulate_burst`: 90 = the stage moves along
+        the columns (vertically on screen). None for fewer than two frames or when the frames
+        barely moved.
+    """
+    tr = _check_transforms(transforms)
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise InputError(f"shape must be (Y, X) with positive sizes; got {shape}")
+    if len(tr) < 2:
+        return None
+    centre = np.array([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0, 1.0])
+    d = tr @ centre - centre[:2]          # (T, 2) as (x, y)
+    d -= d.mean(axis=0)
+    evals, evecs = np.linalg.eigh(d.T @ d)
+    axis = evecs[:, 1]
+    along = d @ axis
+    if float(along.max() - along.min()) < min_span:
+        return None
+    angle = float(np.degrees(np.arctan2(axis[1], axis[0])) % 180.0)
+    return 0.0 if angle >= 180.0 else angle  # -1e-17 % 180 rounds to 180
+
+
 def warp_frames(frames: Any, transforms: Any, *, interpolation: str = "linear",
                 fill: Optional[float] = None) -> np.ndarray:
     """Warp every frame into the reference frame with given transforms.

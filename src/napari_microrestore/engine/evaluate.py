@@ -2,7 +2,7 @@
 
 Burst models: bursts simulated from the held-out sections of the training stacks (the last
 ``val_fraction`` of each, never trained on), Poisson doses and motion blur drawn from the given
-ranges, restored through the same :func:`~napari_microrestore.engine.restore.restore` path a
+ranges, the stage moving in any direction, restored through the same :func:`~napari_microrestore.engine.restore.restore` path a
 user's data take (ECC registration included), and scored against the clean reference crop
 after a best gain + offset fit, ``border`` px ignored. The ECC-registered mean of the same
 frames (same registration) is scored alongside, and the gain over it reported.
@@ -28,11 +28,15 @@ DEFAULT_SOURCES = ("sstem/gerhard_vnc_stack1.tif", "sstem/isbi2012_train_volume.
 def evaluate_burst(model: str | ModelCard, *, sources: Sequence[str] = DEFAULT_SOURCES,
                    val_fraction: float = 0.2, n_bursts: int = 24, size: int = 256,
                    frames: int = 5, dose: tuple[float, float] = (12.0, 80.0),
-                   blur_length: tuple[float, float] = (6.0, 14.0), border: int = 24,
+                   blur_length: tuple[float, float] = (6.0, 14.0),
+                   blur_angle: tuple[float, float] = (0.0, 180.0), border: int = 24,
                    seed: int = 2021, device: str = "auto",
                    progress: Optional[ProgressCallback] = None,
                    cancel: Optional[CancelToken] = None) -> dict:
-    """Score a burst model on simulated bursts from held-out sections (see module doc)."""
+    """Score a burst model on simulated bursts from held-out sections (see module doc).
+
+    The stage-motion direction of each burst is drawn uniformly from ``blur_angle`` (degrees
+    from +x towards +y; default: any direction), as a user's stage may move any way."""
     card = model if isinstance(model, ModelCard) else get_card(model)
     if not card.is_burst:
         raise InputError(f"model {card.id} is a {card.task} model, not a burst model")
@@ -49,14 +53,18 @@ def evaluate_burst(model: str | ModelCard, *, sources: Sequence[str] = DEFAULT_S
         y0, x0 = int(rng.integers(0, h - sy + 1)), int(rng.integers(0, w - sx + 1))
         b = degrade.simulate_burst(img[y0:y0 + sy, x0:x0 + sx] + 1.0, frames,
                                    shape=(size, size), blur_length=blur_length, dose=dose,
-                                   rng=rng)
+                                   blur_angle=blur_angle, rng=rng)
         res = restore(b.frames, card, device=device)
         mean = res.registration.aligned.mean(0)
         m = metrics.compare(res.image, b.ground_truth, fit=True, border=border)
         base = metrics.compare(mean, b.ground_truth, fit=True, border=border)
         rows.append({"psnr": m["psnr"], "ssim": m["ssim"], "mean_psnr": base["psnr"],
-                     "mean_ssim": base["ssim"], "dose": b.params.get("dose"),
-                     "blur_length": b.params.get("blur_length")})
+                     "mean_ssim": base["ssim"], "dose": b.params["dose"],
+                     # the reference frame's blur (the others jitter around it)
+                     "blur_length": b.params["blur_lengths"][b.reference],
+                     "blur_angle": b.params["blur_angles"][b.reference] % 180.0,
+                     "transposed": (res.provenance.get("motion_direction") or {}).get(
+                         "transposed")})
         report(progress, (i + 1) / n_bursts, f"burst {i + 1}/{n_bursts}")
     agg = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "mean_psnr",
                                                             "mean_ssim")}
@@ -65,7 +73,8 @@ def evaluate_burst(model: str | ModelCard, *, sources: Sequence[str] = DEFAULT_S
         "model": card.id, "protocol": {
             "sources": list(sources), "split": f"last {val_fraction:.0%} of each stack",
             "bursts": n_bursts, "size": size, "frames": frames, "dose": list(dose),
-            "blur_length": list(blur_length), "border": border, "seed": seed,
+            "blur_length": list(blur_length), "motion_angle": list(blur_angle),
+            "border": border, "seed": seed,
             "scoring": "gain + offset fit to the ground truth"},
         "values": {k: round(v, 4) for k, v in agg.items()},
         "per_burst": rows, "seconds": round(time.perf_counter() - t0, 1),

@@ -136,6 +136,16 @@ class _Data:
     frames_used: list
     reference: int
     registration: dict
+    # the net's view: transposed when the stage moved closer to horizontal (see
+    # engine.restore.burst_orientation); x, coverage, target, holdout and region are then in
+    # transposed coordinates, and shown() / the previews turn them back
+    transposed: bool = False
+    orientation: Optional[dict] = None
+
+    def shown(self, box: tuple) -> tuple:
+        """A ``(y, x, h, w)`` box of the net's view in the user's frame."""
+        y, x, h, w = (int(v) for v in box)
+        return (x, y, w, h) if self.transposed else (y, x, h, w)
 
 
 def base_card(model: str | ModelCard) -> ModelCard:
@@ -206,7 +216,7 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
              reference_frame: Optional[int], holdout: Optional[tuple],
              progress: Optional[ProgressCallback], cancel: Optional[CancelToken]) -> _Data:
     from ..core.registration import register_burst
-    from .restore import _normalise, _select_frames
+    from .restore import _normalise, _select_frames, burst_orientation
 
     n = frames.shape[0]
     ref = n // 2 if reference_frame is None else int(reference_frame)
@@ -221,7 +231,16 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
                          progress=None if progress is None else
                          (lambda f, m: progress(0.1 * f, f"registering: {m}")), cancel=cancel)
     cov = reg.coverage
-    x, mean, std = _normalise(reg.aligned, cov if cov.any() else None)
+    shape = cov.shape
+    # the base model's view of the burst, as restore() gives it: transposed when the stage
+    # moved closer to horizontal than the net learned (fine-tuning must see what inference does)
+    orientation = burst_orientation(card, reg.aligned.shape, reg)
+    transposed = orientation["transposed"]
+    aligned = reg.aligned
+    if transposed:
+        aligned = np.ascontiguousarray(aligned.transpose(0, 2, 1))
+        cov = np.ascontiguousarray(cov.T)
+    x, mean, std = _normalise(aligned, cov if cov.any() else None)
     box = _covered_box(cov)
     target = None
     if reference is not None:
@@ -232,16 +251,19 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
         ref_img = ref_img.astype(np.float32)
         if not np.isfinite(ref_img).all():
             raise InputError("the reference image contains NaN or infinite values")
-        target = (_fit_reference(ref_img, reg.aligned.mean(0), cov) - mean) / std
+        if transposed:
+            ref_img = np.ascontiguousarray(ref_img.T)
+        target = (_fit_reference(ref_img, aligned.mean(0), cov) - mean) / std
     psf, blur = None, {}
     if mode == "self-supervised":
         from ..core import degrade, probes
 
-        est = probes.estimate_degradation(reg.aligned)
+        est = probes.estimate_degradation(aligned)  # in the net's view, as the PSF is used
         psf = degrade.motion_psf(est.blur_length, est.blur_angle) if est.blur_length > 0 \
             else np.ones((1, 1), np.float32)
+        angle = float(est.blur_angle)  # reported in the user's frame
         blur = {"blur_length": round(float(est.blur_length), 2),
-                "blur_angle": round(float(est.blur_angle), 1)}
+                "blur_angle": round((90.0 - angle) % 180.0 if transposed else angle, 1)}
     if holdout is None:
         holdout = default_holdout(cov, multiple=card.multiple)
     else:
@@ -251,13 +273,16 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
             raise InputError(f"holdout must be (y, x, height, width); got {holdout}")
         hy, hx, hh, hw = holdout
         if (hh < m or hw < m or hy < 0 or hx < 0
-                or hy + hh > cov.shape[0] or hx + hw > cov.shape[1]):
+                or hy + hh > shape[0] or hx + hw > shape[1]):
             raise InputError(f"holdout {holdout} (y, x, height, width) must lie inside the "
-                             f"{cov.shape[0]}x{cov.shape[1]} frame and be at least {m} px")
+                             f"{shape[0]}x{shape[1]} frame and be at least {m} px")
         holdout = (hy, hx, hh // m * m, hw // m * m)
+        if transposed:
+            holdout = (holdout[1], holdout[0], holdout[3], holdout[2])
     return _Data(x=x.astype(np.float32), coverage=cov, mean=mean, std=std, target=target,
                  psf=psf, blur=blur, holdout=holdout, region=box, frames_used=used,
-                 reference=ref_local, registration=reg.to_dict())
+                 reference=ref_local, registration=reg.to_dict(), transposed=transposed,
+                 orientation=orientation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,7 +428,8 @@ class _Holdout:
             r = metrics.compare(pred_np, self.truth, mask=self.mask, border=self.border, fit=True)
             scores.update(psnr=float(r["psnr"]), ssim=float(r["ssim"]))
             scores["score"] = scores["psnr"]
-        return scores, (pred_np * self.d.std + self.d.mean).astype(np.float32)
+        preview = (pred_np * self.d.std + self.d.mean).astype(np.float32)
+        return scores, np.ascontiguousarray(preview.T) if self.d.transposed else preview
 
 
 def finetune(model: str | ModelCard, data: Any, *, mode: str = "pairs",
@@ -486,7 +512,7 @@ def finetune(model: str | ModelCard, data: Any, *, mode: str = "pairs",
                     **before}]
         if on_update is not None:
             on_update(FinetuneUpdate(0, time.perf_counter() - t0, None, _headline(before),
-                                     _headline(before), preview_before, d.holdout))
+                                     _headline(before), preview_before, d.shown(d.holdout)))
         # foreach: one fused update for all tensors, instead of a Python loop per tensor that
         # holds the GIL (and so slows the GUI thread) far longer
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, foreach=True)
@@ -504,7 +530,8 @@ def finetune(model: str | ModelCard, data: Any, *, mode: str = "pairs",
                 best = {"score": scores["score"], "step": step, "headline": _headline(scores),
                         "state": copy.deepcopy(net.state_dict())}
             history[-1].update(scores)
-            upd.score, upd.preview, upd.holdout = _headline(scores), preview, d.holdout
+            upd.score, upd.preview = _headline(scores), preview
+            upd.holdout = d.shown(d.holdout)
             upd.best = best["headline"]
 
         step_time = 0.0
@@ -576,7 +603,7 @@ def finetune(model: str | ModelCard, data: Any, *, mode: str = "pairs",
     result = FinetuneResult(
         net=net, card={}, base=card, mode=mode, before=before, after=after, history=history,
         best_step=int(best["step"]), steps=step, seconds=round(seconds, 3), device=dev,
-        cancelled=cancelled, holdout=tuple(int(v) for v in d.holdout),
+        cancelled=cancelled, holdout=d.shown(d.holdout),
         preview_before=preview_before, preview_after=preview_after)
     params = {"mode": mode, "budget_seconds": budget_seconds, "steps": steps, "lr": lr,
               "patch": patch, "batch": batch, "holdout": list(result.holdout),
@@ -584,7 +611,8 @@ def finetune(model: str | ModelCard, data: Any, *, mode: str = "pairs",
               "reference_given": reference is not None}
     data_info = {"name": data_name, "shape": [int(v) for v in frames.shape],
                  "frames_used": d.frames_used, "registration": {
-                     k: d.registration[k] for k in ("reference", "motion", "shifts", "ecc")}}
+                     k: d.registration[k] for k in ("reference", "motion", "shifts", "ecc")},
+                 "motion_direction": d.orientation}
     if d.blur:
         data_info["measured_motion_blur"] = d.blur
     result.card = _card_dict(card, result, params, data_info, device_name)
@@ -684,7 +712,7 @@ def adapt(model: str | ModelCard, data: Any, *, reference_frame: Optional[int] =
     result = FinetuneResult(
         net=adapted.cpu().eval(), card={}, base=card, mode="adapt-bn", before={}, after={},
         seconds=round(time.perf_counter() - t0, 3), device=dev,
-        holdout=tuple(int(v) for v in d.holdout), preview_before=preview_before,
+        holdout=d.shown(d.holdout), preview_before=preview_before,
         preview_after=preview_after)
     params = {"mode": "adapt-bn", "passes": passes, "reference_frame": reference_frame,
               "reference_given": False}

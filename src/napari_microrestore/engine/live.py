@@ -41,7 +41,33 @@ from ..core.errors import CancelToken, InputError, check_cancel
 from ..core.registration import prefilter_sigma
 from ..core.tiling import plan_tiles, tile_weights
 from ..models.zoo import ModelCard, get_card
-from .restore import _load_net, resolve_device
+from .restore import _load_net, burst_orientation, resolve_device
+
+
+def _translation_transforms(translations: np.ndarray) -> np.ndarray:
+    """(T, 2, 3) core transforms of (T, 2) ``(dx, dy)`` translations."""
+    tr = np.zeros((len(translations), 2, 3))
+    tr[:, 0, 0] = tr[:, 1, 1] = 1.0
+    tr[:, :, 2] = translations
+    return tr
+
+
+def stream_orientation(card: ModelCard, frames: np.ndarray,
+                       motion_angle: Optional[float] = None) -> dict:
+    """:func:`~napari_microrestore.engine.restore.burst_orientation` for a stream, from its
+    first window ``frames`` (T, Y, X): the stage's direction from the phase correlation of the
+    first and last frame (the stage moves the same way through a stream, so it is decided once).
+    """
+    from types import SimpleNamespace
+
+    from ..core.registration import phase_correlation
+
+    reg = None
+    if motion_angle is None and card.motion_axis is not None:
+        dy, dx = phase_correlation(frames[0], frames[-1])[:2]
+        reg = SimpleNamespace(transforms=_translation_transforms(np.array([[0.0, 0.0],
+                                                                           [dx, dy]])))
+    return burst_orientation(card, frames.shape, reg, motion_angle)
 
 
 @dataclass(frozen=True)
@@ -57,7 +83,8 @@ class LiveFrame:
         ``keep_on_device=True``.
     shifts
         (window, 2) ``(dy, dx)`` per window frame relative to the centre frame (core's
-        convention); numpy, or a device tensor with ``keep_on_device``.
+        convention); numpy, or a device tensor with ``keep_on_device``. In the input's
+        orientation even when the pipeline transposes the stream for the net.
     ecc
         (window,) ECC correlation of each registered frame with the centre frame.
     converged
@@ -142,12 +169,19 @@ class LivePipeline:
     levels, iterations
         Registration pyramid levels and ECC iterations per level (see
         :class:`~napari_microrestore.core.registration_torch.TorchRegistrar`).
+    motion_angle
+        Direction the stage moves (degrees from +x towards +y). By default it is measured on
+        the first window (:func:`stream_orientation`), whose frames are kept on the host until
+        it is full (no frame is restored before that anyway); a stream moving closer to
+        horizontal than the net learned is transposed frame by frame on the host, computed in
+        that orientation and turned back (``orientation`` says what was decided).
     """
 
     def __init__(self, model: str | ModelCard = "tem-burst-fast", device: str = "auto",
                  window: int = 5, *, sigma: Optional[float] = None, amp: Optional[str] = "fp16",
                  cuda_graphs: bool = True, compile: bool = False, keep_on_device: bool = False,
-                 levels: Optional[int] = None, iterations: Optional[int] = None) -> None:
+                 levels: Optional[int] = None, iterations: Optional[int] = None,
+                 motion_angle: Optional[float] = None) -> None:
         import torch
 
         self.card = _burst_card(model)
@@ -180,8 +214,12 @@ class LivePipeline:
             except Exception as exc:  # noqa: BLE001 - stay eager
                 warnings.warn(f"torch.compile unavailable ({exc}); running the net eagerly",
                               stacklevel=2)
-        self.stream = None  # StreamRegistrar, made at the first frame
+        self.stream = None  # StreamRegistrar, made once the first window has arrived
         self.count = 0
+        self.motion_angle = motion_angle
+        self.orientation: Optional[dict] = None  # stream_orientation's, at the first window
+        self._pending: list[np.ndarray] = []     # the first window's frames until then
+        self._shape: Optional[tuple] = None
         self._graph = None
         self._out = None
         self._staging = None
@@ -256,9 +294,9 @@ class LivePipeline:
             raise InputError(f"a stream frame must be a 2-D image (Y, X); got shape {arr.shape}")
         if arr.dtype.kind not in "biuf":
             raise InputError(f"frames must hold integer or float pixels; got dtype {arr.dtype}")
-        if self.stream is not None and arr.shape != self.stream.registrar.shape:
+        if self._shape is not None and arr.shape != self._shape:
             raise InputError(f"frame {self.count} has shape {arr.shape}; the stream's frames are "
-                             f"{self.stream.registrar.shape}")
+                             f"{self._shape}")
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(arr).all():
             raise InputError(f"frame {self.count} contains NaN or infinite values")
@@ -285,28 +323,24 @@ class LivePipeline:
     def push(self, frame: Any) -> Optional[LiveFrame]:
         """Add the next frame; returns the restored centre frame of the last ``window`` frames
         once there are that many, else None."""
-        import torch
-
-        from ..core.registration_torch import StreamRegistrar
-
         t0 = time.perf_counter()
         arr = self._check_frame(frame)
         if self.stream is None:
             if min(arr.shape) < 16:
                 raise InputError(f"frames must be at least 16x16 pixels; got {arr.shape}")
-            sigma = prefilter_sigma(arr) if self.sigma is None else self.sigma
-            self.sigma = sigma
-            self.stream = StreamRegistrar(self.window, arr.shape, sigma=sigma,
-                                          device=self.device, **self._reg_kwargs)
-            self._frame_in = torch.zeros(arr.shape, dtype=torch.float32, device=self.device)
-        self._upload(arr)
-        self.count += 1
-        self.stream.count = self.count
-        self.stream.set_phase(self.count)
-        if self.count < self.window:
-            with torch.no_grad():
-                self.stream.ingest(self._frame_in)
-            return None
+            self._shape = arr.shape
+            self._pending.append(arr.copy())  # the caller may reuse its buffer
+            self.count += 1
+            if self.count < self.window:
+                return None
+            self._start()
+        else:
+            if self.orientation["transposed"]:
+                arr = np.ascontiguousarray(arr.T)
+            self._upload(arr)
+            self.count += 1
+            self.stream.count = self.count
+            self.stream.set_phase(self.count)
         if self._graph is not None:
             self._graph.replay()
         elif self.use_graphs:
@@ -319,14 +353,41 @@ class LivePipeline:
             self._out = self._step()
         return self._result(self.count - 1 - (self.window - 1 - self.window // 2), t0)
 
+    def _start(self) -> None:
+        """The first window has arrived: decide the orientation, make the registrar, ingest
+        the first ``window - 1`` frames and upload the last one (its window step follows)."""
+        import torch
+
+        from ..core.registration_torch import StreamRegistrar
+
+        first = np.stack(self._pending)
+        self._pending = []
+        self.orientation = stream_orientation(self.card, first, self.motion_angle)
+        if self.orientation["transposed"]:
+            first = np.ascontiguousarray(first.transpose(0, 2, 1))
+        sigma = prefilter_sigma(first[0]) if self.sigma is None else self.sigma
+        self.sigma = sigma
+        self.stream = StreamRegistrar(self.window, first.shape[1:], sigma=sigma,
+                                      device=self.device, **self._reg_kwargs)
+        self._frame_in = torch.zeros(first.shape[1:], dtype=torch.float32, device=self.device)
+        for k, arr in enumerate(first, start=1):
+            self._upload(arr)
+            self.stream.count = k
+            self.stream.set_phase(k)
+            if k < self.window:
+                with torch.no_grad():
+                    self.stream.ingest(self._frame_in)
+
     def _result(self, index: int, t0: float) -> LiveFrame:
         """Copy the step's outputs out of the (possibly static) buffers."""
         out = self._out
-        shifts = out["translations"].flip(1)
+        image, shifts = out["image"], out["translations"].flip(1)
+        if self.orientation["transposed"]:  # back to the input's orientation
+            image, shifts = image.t(), out["translations"]
         if self.keep_on_device:
-            return LiveFrame(index, out["image"].clone(), shifts.clone(), out["ecc"].clone(),
+            return LiveFrame(index, image.contiguous(), shifts.clone(), out["ecc"].clone(),
                              out["failure"] == 0, time.perf_counter() - t0)
-        image = out["image"].cpu().numpy()
+        image = np.ascontiguousarray(image.cpu().numpy())
         return LiveFrame(index, image, shifts.cpu().numpy(), out["ecc"].cpu().numpy(),
                          out["failure"].cpu().numpy() == 0, time.perf_counter() - t0)
 
@@ -360,6 +421,12 @@ def restore_burst_device(frames: Any, model: str | ModelCard = "tem-burst", *,
     net = _load_net(card, dev)
     reg = register_burst_torch(frames, reference, device=dev)
     x, mean, std = normalise_device(reg.aligned, reg.coverage)
+    from types import SimpleNamespace
+
+    tr = _translation_transforms(reg.translations.cpu().numpy())
+    orientation = burst_orientation(card, tuple(reg.aligned.shape), SimpleNamespace(transforms=tr))
+    if orientation["transposed"]:  # as engine.restore does
+        x = x.transpose(-1, -2).contiguous()
     h, w = x.shape[-2:]
     multiple = int(getattr(net, "multiple", 1))
     halo = int(min(math.ceil(net.receptive_radius), 256))
@@ -380,4 +447,5 @@ def restore_burst_device(frames: Any, model: str | ModelCard = "tem-burst", *,
                 wt = torch.from_numpy(tile_weights(t, halo=halo, blend=blend)).to(dev)
                 acc[t.y, t.x] += o * wt
                 wsum[t.y, t.x] += wt
-    return (acc / wsum)[:h, :w] * std.float() + mean.float()
+    out = (acc / wsum)[:h, :w] * std.float() + mean.float()
+    return out.t().contiguous() if orientation["transposed"] else out

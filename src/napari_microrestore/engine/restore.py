@@ -319,6 +319,7 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
             reference: Optional[int] = None, register: bool = True,
             motion: str = "translation", sections: Optional[list[int]] = None,
             tile: Optional[int] = None, masks: Optional[np.ndarray] = None,
+            motion_angle: Optional[float] = None,
             progress: Optional[ProgressCallback] = None,
             cancel: Optional[CancelToken] = None) -> RestoreResult:
     """Restore ``data`` with ``model`` (a zoo id, a card path or a :class:`ModelCard`).
@@ -326,6 +327,11 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
     ``masks`` (ssTEM models): (Z, Y, X) artefact masks (True = damaged, e.g. a folds /
     precipitates Labels layer); a section to restore without a mask is re-made whole from its
     neighbours, and blank sections are detected as missing.
+
+    ``motion_angle`` (learned burst models): the direction the stage moved, in degrees from +x
+    towards +y (90 = along the columns); by default it is read from the registration (see
+    :func:`burst_orientation`). The zoo's nets learned motion within 45 degrees of vertical, so
+    a burst whose motion is closer to horizontal is transposed for the net and back.
     """
     card = model if isinstance(model, ModelCard) else get_card(model)
     t0 = time.perf_counter()
@@ -335,11 +341,11 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
         "weights_sha256": (card.weights or {}).get("sha256"), "device": dev,
         "version": __version__, "parameters": {"reference": reference, "register": register,
                                                "motion": motion, "sections": sections,
-                                               "tile": tile},
+                                               "tile": tile, "motion_angle": motion_angle},
     }
     if card.is_burst:
         res = _restore_burst(data, card, dev, reference, register, motion, tile, progress,
-                             cancel, prov)
+                             cancel, prov, motion_angle)
     elif card.task == "sstem":
         res = _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov, masks)
     else:
@@ -349,7 +355,58 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
     return res
 
 
-def _restore_burst(data, card, dev, reference, register, motion, tile, progress, cancel, prov):
+def _transposes(angle: Optional[float]) -> bool:
+    """Whether a net that expects vertical motion gets the burst transposed: the motion is
+    more than 45 degrees from vertical."""
+    return angle is not None and not 45.0 <= angle <= 135.0
+
+
+def burst_orientation(card: ModelCard, shape: tuple, registration=None,
+                      motion_angle: Optional[float] = None) -> dict:
+    """How a learned burst net sees a burst of frames of ``shape`` (``(..., Y, X)``): the
+    stage-motion direction and whether the frames are transposed for the net.
+
+    The zoo's burst nets were trained on stage motion within 45 degrees of vertical
+    (``card.motion_axis == "vertical"``); transposing a burst whose motion is closer to
+    horizontal brings every direction into that range (a 10-degree motion becomes 80). The
+    direction is ``motion_angle`` if given, else the principal axis of the registered frames'
+    offsets (:func:`~napari_microrestore.core.registration.motion_direction`, when they spread
+    over >= 2 px). Otherwise (frames registered beforehand, or that barely moved) it is
+    unknown and the burst is left as it is: pass ``motion_angle`` for such data. (The blur
+    itself is not used: :func:`~napari_microrestore.core.probes.estimate_degradation` reads
+    blur of a few px into pure noise too often to turn a burst on its word.)
+
+    Returns
+    -------
+    dict
+        ``angle_deg`` (float or None), ``source`` ("given", "registration", "unknown", or "not
+        needed" for nets that take any direction and classical methods) and ``transposed``.
+    """
+    from ..core.registration import motion_direction
+
+    if card.motion_axis is None:
+        return {"angle_deg": None, "source": "not needed", "transposed": False}
+    angle, source = None, "unknown"
+    if motion_angle is not None:
+        try:
+            angle = float(motion_angle)
+        except (TypeError, ValueError):
+            raise InputError(f"motion_angle must be a number of degrees; got {motion_angle!r}"
+                             ) from None
+        if not math.isfinite(angle):
+            raise InputError(f"motion_angle must be finite; got {motion_angle!r}")
+        angle, source = angle % 180.0, "given"
+    elif registration is not None:
+        angle = motion_direction(registration.transforms, tuple(shape)[-2:])
+        source = "registration"
+    if angle is None:
+        source = "unknown"
+    return {"angle_deg": None if angle is None else round(angle, 2), "source": source,
+            "transposed": _transposes(angle)}
+
+
+def _restore_burst(data, card, dev, reference, register, motion, tile, progress, cancel, prov,
+                   motion_angle=None):
     from ..core.registration import register_burst
 
     frames = _as_float_stack(data, (3,), "a burst")
@@ -396,8 +453,14 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
     channels_in = card.task == "single-deblur"
     if channels_in and len(x) != fr["max"]:
         raise InputError(f"model {card.id} takes exactly {fr['max']} frames; got {len(x)}")
+    orientation = burst_orientation(card, aligned.shape, reg, motion_angle)
+    prov["motion_direction"] = orientation
+    if orientation["transposed"]:
+        x = np.ascontiguousarray(x.transpose(0, 2, 1))
     y, tiling = run_net(net, x, burst=not channels_in, device=dev, tile=tile,
                         progress=sub(0.3, 1.0), cancel=cancel)
+    if orientation["transposed"]:
+        y = np.ascontiguousarray(y.transpose(0, 2, 1))
     prov["tiling"] = tiling
     prov["normalisation"] = {"mean": mean, "std": std}
     out = y[0]  # float32, a fresh array: back to input units in place

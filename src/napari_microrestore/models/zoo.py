@@ -91,6 +91,21 @@ class ModelCard:
                 "default": int(f.get("default", f.get("min", 1)))}
 
     @property
+    def motion_axis(self) -> Optional[str]:
+        """The stage-motion orientation a learned burst net expects: ``"vertical"`` (every net
+        trained here: the simulated stage moves within 45 degrees of the columns, and
+        :func:`~napari_microrestore.engine.restore.restore` transposes a burst whose motion is
+        closer to the rows), or None when the card says ``input: {motion_axis: any}`` (a net
+        trained on every direction) and for classical methods and non-burst tasks."""
+        if not self.is_burst or self.is_classical:
+            return None
+        axis = str(self.input.get("motion_axis", "vertical"))
+        if axis not in ("vertical", "any"):
+            raise InputError(f"model card {self.id}: input.motion_axis must be 'vertical' or "
+                             f"'any'; got {axis!r}")
+        return None if axis == "any" else axis
+
+    @property
     def multiple(self) -> int:
         return int(self.input.get("multiple", 1))
 

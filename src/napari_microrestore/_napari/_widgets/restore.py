@@ -182,6 +182,18 @@ def restore_region(data: Any, model: ModelCard, *, start: Optional[int] = None,
     return res
 
 
+def motion_note(prov: dict) -> str:
+    """The stage-motion part of the status line: the direction the engine read and whether it
+    turned the burst for the net (see engine.restore.burst_orientation)."""
+    md = prov.get("motion_direction") or {}
+    if md.get("angle_deg") is not None:
+        return (f"; stage motion {md['angle_deg']:.0f} deg"
+                + (", turned for the net" if md.get("transposed") else ""))
+    if md.get("source") == "unknown":
+        return "; stage motion not measurable (frames barely moved): not turned"
+    return ""
+
+
 class RestoreWidget(QWidget):
     """Model picker (with each card's task, training data and metrics), device, input layer,
     burst window, ssTEM sections and masks; Run / Whole stream / Preview / Cancel with a
@@ -501,7 +513,8 @@ class RestoreWidget(QWidget):
             colormap=source.colormap.name,
             metadata={"provenance": prov, "source_layer": source.name},
             **spatial_kwargs(source, res.image.ndim, card.scale))
-        self.device_label.setText(f"ran on: {prov['device']} ({prov['seconds']:.2f} s)")
+        self.device_label.setText(f"ran on: {prov['device']} ({prov['seconds']:.2f} s)"
+                                  + motion_note(prov))
         self._pair = (source, out)
         self.side_button.setEnabled(True)
 
