@@ -18,23 +18,31 @@ BURST_MODELS = [c.id for c in list_cards() if c.is_burst and not c.is_classical 
 
 
 @pytest.mark.data
+@pytest.mark.parametrize("angle", [90.0, 10.0, 140.0])
 @pytest.mark.parametrize("model_id", BURST_MODELS)
-def test_burst_model_beats_registered_mean_on_real_sections(model_id, shared_data):
+def test_burst_model_beats_registered_mean_on_real_sections(model_id, angle, shared_data):
+    """The stage moving along the columns (as trained), along the rows (the engine turns the
+    burst) and diagonally."""
     sections = load_sections(["sstem/isbi2012_train_volume.tif"], split="val",
                              root=shared_data)
     rng = np.random.default_rng(7)
-    gains = []
+    gains, ssim_gains = [], []
     for k in range(3):
         img = sections[k % len(sections)][:256, :256] + 1.0
         b = degrade.simulate_burst(img, 5, shape=(160, 160), blur_length=(6, 14),
-                                   dose=(12, 80), rng=rng)
+                                   blur_angle=angle, dose=(12, 80), rng=rng)
         res = restore(b.frames, model_id, device="cpu")
         mean = res.registration.aligned.mean(0)
         out = metrics.compare(res.image, b.ground_truth, fit=True, border=24)
         base = metrics.compare(mean, b.ground_truth, fit=True, border=24)
         gains.append(out["psnr"] - base["psnr"])
-        assert out["ssim"] > base["ssim"]
-    assert np.mean(gains) > 1.0, gains
+        ssim_gains.append(out["ssim"] - base["ssim"])
+    if model_id == "tem-single" and angle != 90.0:
+        # the 3-frame baseline: +1.1 dB as trained, +0.1-0.7 dB off that direction when its
+        # weights were shipped (its card's any-direction score: +0.49 dB)
+        assert np.mean(gains) > 0.0 and np.mean(ssim_gains) > 0.0, (gains, ssim_gains)
+    else:
+        assert np.mean(gains) > 1.0 and min(ssim_gains) > 0.0, (gains, ssim_gains)
 
 
 @pytest.mark.data
