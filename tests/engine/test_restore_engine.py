@@ -151,8 +151,6 @@ def test_a_sideways_burst_is_transposed_for_the_net_and_back(sideways_burst):
 
 
 def test_burst_orientation_rules(sideways_burst):
-    from types import SimpleNamespace
-
     from napari_microrestore.engine.restore import burst_orientation
     from napari_microrestore.models.zoo import get_card
 
@@ -167,7 +165,7 @@ def test_burst_orientation_rules(sideways_burst):
         burst_orientation(net, frames.shape, None, "sideways")
     # frames that did not move, or were registered before: nothing to read the direction
     # from (the blur estimate is not reliable enough to act on: it reads blur into noise)
-    still = SimpleNamespace(transforms=np.tile(np.eye(2, 3), (5, 1, 1)))
+    still = np.tile(np.eye(2, 3), (5, 1, 1))
     for reg in (still, None):
         assert burst_orientation(net, frames.shape, reg) == {"angle_deg": None, "source": "unknown",
                                                        "transposed": False}

@@ -354,6 +354,14 @@ def _covered(transform: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return _bounds_mask(*_covered_bounds(transform, shape), shape[1])
 
 
+def _check_shape(shape: Any) -> tuple[int, int]:
+    """A frame's ``(Y, X)`` as two positive ints."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise InputError(f"shape must be (Y, X) with positive sizes; got {shape}")
+    return shape
+
+
 def coverage_mask(transforms: Any, shape: tuple[int, int]) -> np.ndarray:
     """(Y, X) bool mask of the reference-frame pixels that every frame covers.
 
@@ -364,9 +372,7 @@ def coverage_mask(transforms: Any, shape: tuple[int, int]) -> np.ndarray:
     shape
         ``(Y, X)`` of a frame.
     """
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 2 or min(shape) < 1:
-        raise InputError(f"shape must be (Y, X) with positive sizes; got {shape}")
+    shape = _check_shape(shape)
     tr = _check_transforms(transforms)
     mask = np.ones(shape, bool)
     for a in tr:
@@ -404,9 +410,7 @@ def motion_direction(transforms: Any, shape: tuple[int, int], *,
         barely moved.
     """
     tr = _check_transforms(transforms)
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 2 or min(shape) < 1:
-        raise InputError(f"shape must be (Y, X) with positive sizes; got {shape}")
+    shape = _check_shape(shape)
     if len(tr) < 2:
         return None
     centre = np.array([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0, 1.0])

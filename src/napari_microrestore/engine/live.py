@@ -58,16 +58,13 @@ def stream_orientation(card: ModelCard, frames: np.ndarray,
     first window ``frames`` (T, Y, X): the stage's direction from the phase correlation of the
     first and last frame (the stage moves the same way through a stream, so it is decided once).
     """
-    from types import SimpleNamespace
-
     from ..core.registration import phase_correlation
 
-    reg = None
+    transforms = None
     if motion_angle is None and card.motion_axis is not None:
         dy, dx = phase_correlation(frames[0], frames[-1])[:2]
-        reg = SimpleNamespace(transforms=_translation_transforms(np.array([[0.0, 0.0],
-                                                                           [dx, dy]])))
-    return burst_orientation(card, frames.shape, reg, motion_angle)
+        transforms = _translation_transforms(np.array([[0.0, 0.0], [dx, dy]]))
+    return burst_orientation(card, frames.shape, transforms, motion_angle)
 
 
 @dataclass(frozen=True)
@@ -421,10 +418,8 @@ def restore_burst_device(frames: Any, model: str | ModelCard = "tem-burst", *,
     net = _load_net(card, dev)
     reg = register_burst_torch(frames, reference, device=dev)
     x, mean, std = normalise_device(reg.aligned, reg.coverage)
-    from types import SimpleNamespace
-
-    tr = _translation_transforms(reg.translations.cpu().numpy())
-    orientation = burst_orientation(card, tuple(reg.aligned.shape), SimpleNamespace(transforms=tr))
+    orientation = burst_orientation(card, tuple(reg.aligned.shape),
+                                    _translation_transforms(reg.translations.cpu().numpy()))
     if orientation["transposed"]:  # as engine.restore does
         x = x.transpose(-1, -2).contiguous()
     h, w = x.shape[-2:]

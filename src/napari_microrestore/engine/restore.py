@@ -361,7 +361,7 @@ def _transposes(angle: Optional[float]) -> bool:
     return angle is not None and not 45.0 <= angle <= 135.0
 
 
-def burst_orientation(card: ModelCard, shape: tuple, registration=None,
+def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.ndarray] = None,
                       motion_angle: Optional[float] = None) -> dict:
     """How a learned burst net sees a burst of frames of ``shape`` (``(..., Y, X)``): the
     stage-motion direction and whether the frames are transposed for the net.
@@ -369,8 +369,8 @@ def burst_orientation(card: ModelCard, shape: tuple, registration=None,
     The zoo's burst nets were trained on stage motion within 45 degrees of vertical
     (``card.motion_axis == "vertical"``); transposing a burst whose motion is closer to
     horizontal brings every direction into that range (a 10-degree motion becomes 80). The
-    direction is ``motion_angle`` if given, else the principal axis of the registered frames'
-    offsets (:func:`~napari_microrestore.core.registration.motion_direction`, when they spread
+    direction is ``motion_angle`` if given, else the principal axis of the offsets of the
+    registration's ``transforms`` ((T, 2, 3), core's convention) (:func:`~napari_microrestore.core.registration.motion_direction`, when they spread
     over >= 2 px). Otherwise (frames registered beforehand, or that barely moved) it is
     unknown and the burst is left as it is: pass ``motion_angle`` for such data. (The blur
     itself is not used: :func:`~napari_microrestore.core.probes.estimate_degradation` reads
@@ -396,8 +396,8 @@ def burst_orientation(card: ModelCard, shape: tuple, registration=None,
         if not math.isfinite(angle):
             raise InputError(f"motion_angle must be finite; got {motion_angle!r}")
         angle, source = angle % 180.0, "given"
-    elif registration is not None:
-        angle = motion_direction(registration.transforms, tuple(shape)[-2:])
+    elif transforms is not None:
+        angle = motion_direction(transforms, tuple(shape)[-2:])
         source = "registration"
     if angle is None:
         source = "unknown"
@@ -453,7 +453,8 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
     channels_in = card.task == "single-deblur"
     if channels_in and len(x) != fr["max"]:
         raise InputError(f"model {card.id} takes exactly {fr['max']} frames; got {len(x)}")
-    orientation = burst_orientation(card, aligned.shape, reg, motion_angle)
+    orientation = burst_orientation(card, aligned.shape, None if reg is None else reg.transforms,
+                                    motion_angle)
     prov["motion_direction"] = orientation
     if orientation["transposed"]:
         x = np.ascontiguousarray(x.transpose(0, 2, 1))

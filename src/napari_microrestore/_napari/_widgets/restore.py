@@ -190,7 +190,7 @@ def motion_note(prov: dict) -> str:
         return (f"; stage motion {md['angle_deg']:.0f} deg"
                 + (", turned for the net" if md.get("transposed") else ""))
     if md.get("source") == "unknown":
-        return "; stage motion not measurable (frames barely moved): not turned"
+        return "; stage motion not measured (no registration, or frames barely moved): not turned"
     return ""
 
 
