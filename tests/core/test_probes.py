@@ -164,6 +164,34 @@ def test_estimate_degradation_on_a_probe():
     assert est.noise_sigma == pytest.approx(math.sqrt(40.0), rel=0.2)
 
 
+@pytest.mark.parametrize("kind", ["poisson", "dim-poisson", "gaussian", "poisson-ramp"])
+@pytest.mark.parametrize("shape", [(1, 48, 48), (3, 64, 64), (3, 256, 256), (1, 200, 512)])
+def test_estimate_degradation_sees_no_blur_in_pure_noise(kind, shape):
+    # noise alone has no structure: the noise-corrected gradient energy is only estimation
+    # error, which must not read as motion blur (it used to give 2-12 px)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        if kind == "gaussian":
+            frames, var = 100.0 + 7.0 * rng.standard_normal(shape), 49.0
+        else:
+            lam = {"poisson": np.full(shape, 30.0), "dim-poisson": np.full(shape, 3.0),
+                   "poisson-ramp": np.broadcast_to(np.linspace(5.0, 60.0, shape[2]), shape)}[kind]
+            frames, var = rng.poisson(lam).astype(np.float32), float(lam.mean())
+        est = p.estimate_degradation(frames)
+        assert est.blur_length == 0.0, (seed, est)
+        if shape[1] >= 256:
+            assert est.noise_sigma ** 2 == pytest.approx(var, rel=0.1)
+
+
+def test_estimate_degradation_still_sees_blur_at_low_dose():
+    probe = p.make_probe("spots-lines", (256, 256), rng=1)
+    burst = np.stack([d.poisson_gaussian_noise(d.motion_blur(probe, 12.0, 60.0), 12.0, rng=k)
+                      for k in range(3)])
+    est = p.estimate_degradation(burst)
+    assert est.blur_length == pytest.approx(12.0, rel=0.2)
+    assert _angle_error(est.blur_angle, 60.0) < 10.0
+
+
 @pytest.mark.parametrize("frames, match", [
     (np.ones(100), "2-D or 3-D"),
     (np.ones((2, 2, 64, 64)), "2-D or 3-D"),

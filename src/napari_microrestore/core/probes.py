@@ -415,6 +415,13 @@ _MAX_FRAMES = 8        # ... and at most this many (evenly spaced) are used ...
 _MAX_PIXELS = 2 ** 21  # ... or fewer, to keep within this many pixels in all
 _MIN_ANISOTROPY = 0.25  # below this the gradient energy is isotropic: no motion blur
 _LAG_MIN = 2.5          # px: shorter lags are dominated by the derivative filter's noise
+# Uncertainty of the noise-corrected gradient energy (pure noise must not read as blur): the
+# variance of a mean of n squared second differences of white noise is about
+# 2 * (1 + 2 * ((4/6)^2 + (1/6)^2)) = 3.9 var^2 / n (neighbours correlate), a little more
+# after trimming; that of a mean of n squared central differences 2 * 1.5 (0.5 var)^2 / n.
+_BIN_VAR_GAIN = 4.0
+_GRAD_VAR_GAIN = 3.0
+_MIN_STRUCTURE_Z = 5.0  # the larger eigenvalue of the gradient tensor must be this many SEs
 
 
 def _second_difference(img: np.ndarray, step: tuple[int, int]) -> np.ndarray:
@@ -475,7 +482,7 @@ def _intensity_bins(values: np.ndarray, n_bins: int = 16) -> list[np.ndarray]:
     return [g for g in groups if g.size >= least] or [np.arange(values.size)]
 
 
-def _noise_model(stack: np.ndarray) -> tuple[float, float, bool]:
+def _noise_model(stack: np.ndarray) -> tuple[float, float, bool, float]:
     """Fit ``noise variance = a * intensity + b`` (Foi-style) on the flat pixels of ``stack``.
 
     Residuals are second differences along the integer step with the least energy (for motion
@@ -484,9 +491,11 @@ def _noise_model(stack: np.ndarray) -> tuple[float, float, bool]:
     their 99 % range for pure noise of the current model; flat pixels are binned by local
     mean (excluding the residual's own pixels), each bin's noise variance is a trimmed second
     moment, and the line is fitted by weighted least squares (three rounds, starting from a
-    constant model). Returns ``(a, b, shot_noise)``: ``shot_noise`` says whether the slope is
-    positive, significant (3 standard errors) and changes the variance by at least 10 %
-    across the intensities seen.
+    constant model). Returns ``(a, b, shot_noise, se)``: ``shot_noise`` says whether the slope
+    is positive, significant (3 standard errors) and changes the variance by at least 10 %
+    across the intensities seen; ``se`` is the standard error of the fitted variance at the
+    stack's mean intensity (each bin's variance counted as ``_BIN_VAR_GAIN var^2 / n`` uncertain,
+    or more if the bins scatter more about the line).
     """
     energies = [float(np.median([np.median(_second_difference(f, s) ** 2) for f in stack]))
                 for s in _STEPS]
@@ -503,6 +512,8 @@ def _noise_model(stack: np.ndarray) -> tuple[float, float, bool]:
     grad_gain = _impulse_energy(lambda a: _central_gradient(_gauss(a))[0])
     leak_gain = 6.0 * _impulse_energy(_gauss)
     a, b, significant = 0.0, _trimmed_variance(r) / 6.0, False
+    se = b * math.sqrt(_BIN_VAR_GAIN / r.size)
+    x_mean = float(m.mean())
     for _ in range(3):
         var = np.maximum(a * m + b, 1e-12 * max(abs(b), 1e-30))
         flat = (g2 < _CHI2_2 * grad_gain * var) & (l2 < _CHI2_1 * leak_gain * var)
@@ -515,17 +526,30 @@ def _noise_model(stack: np.ndarray) -> tuple[float, float, bool]:
         w = np.array([len(g) for g in groups]) / np.maximum(bv, 1e-30) ** 2
         if len(groups) < 3 or np.ptp(bm) <= 0:
             a, b, significant = 0.0, float(np.average(bv, weights=w)), False
+            se = _constant_se(bv, w)
             continue
         design = np.stack([bm, np.ones_like(bm)], axis=1)
         cov = np.linalg.inv(design.T @ (design * w[:, None]))
         a, b = cov @ (design.T @ (w * bv))
         chi2 = float((w * (bv - design @ np.array([a, b])) ** 2).sum()) / (len(bm) - 2)
-        se_a = math.sqrt(cov[0, 0] * max(chi2, 1.0))
+        # w = n / var^2 omits _BIN_VAR_GAIN; a scatter larger than that inflates the errors
+        cov = cov * max(chi2, _BIN_VAR_GAIN)
+        se_a = math.sqrt(cov[0, 0])
         v_mid = a * float(np.median(mf)) + b
         significant = bool(a > 3.0 * se_a and a * np.ptp(bm) > 0.1 * v_mid)
+        at_mean = np.array([x_mean, 1.0])
+        se = math.sqrt(max(float(at_mean @ cov @ at_mean), 0.0))
         if a <= 0:
             a, b, significant = 0.0, float(np.average(bv, weights=w)), False
-    return float(a), float(b), significant
+            se = _constant_se(bv, w)
+    return float(a), float(b), significant, float(se)
+
+
+def _constant_se(bv: np.ndarray, w: np.ndarray) -> float:
+    """Standard error of the weighted mean of bin variances ``bv`` (weights ``n / bv^2``)."""
+    mean = float(np.average(bv, weights=w))
+    scatter = float((w * (bv - mean) ** 2).sum()) / max(len(bv) - 1, 1)
+    return math.sqrt(max(scatter, _BIN_VAR_GAIN) / float(w.sum()))
 
 
 def _gradient_correlations(stack: np.ndarray, noise_var: float, lag: int
@@ -605,8 +629,19 @@ def _fit_blur_length(lags: np.ndarray, profile: np.ndarray) -> float:
     return fine
 
 
-def _blur(stack: np.ndarray, noise_var: float) -> tuple[float, float]:
-    """(length px, angle deg) of the motion blur; length 0 if none is seen."""
+def _structure_se(stack: np.ndarray, noise_var: float, noise_se: float) -> float:
+    """Standard error of a noise-corrected gradient energy (one axis of the structure tensor)
+    of ``stack``: the sampling error of the mean squared central difference plus the error
+    of the noise variance subtracted from it (half of it, the central difference's gain)."""
+    n = stack.shape[0] * (stack.shape[1] - 2) * (stack.shape[2] - 2)
+    sampling = _GRAD_VAR_GAIN * (0.5 * noise_var) ** 2 / n
+    return math.sqrt(sampling + (0.5 * noise_se) ** 2)
+
+
+def _blur(stack: np.ndarray, noise_var: float, noise_se: float = 0.0) -> tuple[float, float]:
+    """(length px, angle deg) of the motion blur; length 0 if none is seen: when the scene's
+    gradient energy (noise removed) is isotropic, or too weak to tell from the noise (its
+    larger eigenvalue below ``_MIN_STRUCTURE_Z`` standard errors, see ``_structure_se``)."""
     lag = int(min(64, min(stack.shape[1:]) // 4))
     maps = _gradient_correlations(stack, noise_var, lag)
     axx, ayy, cross = maps
@@ -615,7 +650,9 @@ def _blur(stack: np.ndarray, noise_var: float) -> tuple[float, float]:
     evals, evecs = np.linalg.eigh(tensor)
     # direction of least gradient energy = the motion (the blur smooths along it)
     theta0 = math.atan2(evecs[1, 0], evecs[0, 0]) % math.pi
-    if evals[1] <= 0 or 1.0 - max(evals[0], 0.0) / evals[1] < _MIN_ANISOTROPY:
+    if evals[1] <= _MIN_STRUCTURE_Z * _structure_se(stack, noise_var, noise_se):
+        return 0.0, math.degrees(theta0)
+    if 1.0 - max(evals[0], 0.0) / evals[1] < _MIN_ANISOTROPY:
         return 0.0, math.degrees(theta0)
     # the motion is where the derivative auto-correlation dips deepest relative to the
     # derivative's energy; that dip fades slowly and symmetrically away from the motion, so
@@ -686,9 +723,9 @@ def estimate_degradation(frames) -> DegradationEstimate:
     if np.ptp(stack) == 0:
         raise InputError("the frames are constant, so neither blur nor noise can be measured")
     mean = float(stack.mean())
-    a, b, shot = _noise_model(stack)
+    a, b, shot, noise_se = _noise_model(stack)
     noise_var = max(a * mean + b, 0.0)
-    length, angle = _blur(stack, noise_var)
+    length, angle = _blur(stack, noise_var, noise_se)
     gain = offset = dose = None
     if shot:
         gain, offset = a, -b / a
