@@ -529,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--no-register", action="store_true", help="frames are already registered")
     rs.add_argument("--motion-angle", type=float, default=None,
                     help="burst models: direction the stage moved, degrees from +x towards +y "
-                         "(90 = along the columns; default: from the registration)")
+                         "(90 = along the columns; default: from the registration, else from "
+                         "the motion blur)")
     rs.add_argument("--sections", default=None, help="ssTEM: comma-separated sections to restore")
     rs.add_argument("--masks", default=None,
                     help="ssTEM: (Z, Y, X) artefact masks (non-zero = fold / precipitate)")

@@ -163,12 +163,42 @@ def test_burst_orientation_rules(sideways_burst):
         assert burst_orientation(net, frames.shape, None, angle)["transposed"] is transposed
     with pytest.raises(InputError, match="motion_angle"):
         burst_orientation(net, frames.shape, None, "sideways")
-    # frames that did not move, or were registered before: nothing to read the direction
-    # from (the blur estimate is not reliable enough to act on: it reads blur into noise)
+    # frames that did not move, or were registered before, and no frames to read the blur of
     still = np.tile(np.eye(2, 3), (5, 1, 1))
     for reg in (still, None):
         assert burst_orientation(net, frames.shape, reg) == {"angle_deg": None, "source": "unknown",
                                                        "transposed": False}
+        # the blur in the frames says the stage moved along the rows
+        by_blur = burst_orientation(net, frames.shape, reg, frames=frames)
+        assert by_blur["source"] == "blur" and by_blur["transposed"] is True
+        assert min(by_blur["angle_deg"], 180 - by_blur["angle_deg"]) < 15
+        upright = burst_orientation(net, frames.shape, reg,
+                                    frames=np.ascontiguousarray(frames.transpose(0, 2, 1)))
+        assert upright["source"] == "blur" and upright["transposed"] is False
+        # pure noise has no blur to read: unknown, not a guess
+        noise = np.random.default_rng(0).poisson(30.0, frames.shape).astype(np.float32)
+        assert burst_orientation(net, frames.shape, reg, frames=noise) == {
+            "angle_deg": None, "source": "unknown", "transposed": False}
+    # the registration's direction comes before the blur's
+    assert burst_orientation(net, frames.shape, None, 90.0, frames=frames)["source"] == "given"
+
+
+def test_a_pre_registered_sideways_burst_is_turned_by_its_blur():
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    scene = probes.make_probe("spots-lines", (420, 420), rng=rng) * 100 + 10
+    burst = degrade.simulate_burst(scene, 5, shape=(192, 192), blur_length=8, blur_angle=0.0,
+                                   angle_jitter=3.0, dose=40, rng=rng)
+    aligned = restore(burst.frames, "tem-burst-fast", device="cpu").registration.aligned
+    # registered elsewhere: the blur of the reference frame (not warped) tells the direction
+    unsaid = restore(aligned, "tem-burst-fast", device="cpu", register=False)
+    md = unsaid.provenance["motion_direction"]
+    assert md["source"] == "blur" and md["transposed"] is True
+    told = restore(aligned, "tem-burst-fast", device="cpu", register=False, motion_angle=0)
+    np.testing.assert_array_equal(unsaid.image, told.image)
+    upright = restore(np.ascontiguousarray(aligned.transpose(0, 2, 1)), "tem-burst-fast",
+                      device="cpu", register=False).provenance["motion_direction"]
+    assert upright["source"] == "blur" and upright["transposed"] is False
 
 
 def test_a_card_can_take_any_direction(tmp_path):

@@ -497,7 +497,9 @@ def _noise_model(stack: np.ndarray) -> tuple[float, float, bool, float]:
     stack's mean intensity (each bin's variance counted as ``_BIN_VAR_GAIN var^2 / n`` uncertain,
     or more if the bins scatter more about the line).
     """
-    energies = [float(np.median([np.median(_second_difference(f, s) ** 2) for f in stack]))
+    # trimmed second moments, not medians of squares: integer counts make those ties (so a
+    # transposed burst could pick a different step)
+    energies = [float(np.median([_trimmed_variance(_second_difference(f, s)) for f in stack]))
                 for s in _STEPS]
     step = _STEPS[int(np.argmin(energies))]
     res, means, grad2, leak2 = [], [], [], []

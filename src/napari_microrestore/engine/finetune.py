@@ -234,7 +234,7 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
     shape = cov.shape
     # the base model's view of the burst, as restore() gives it: transposed when the stage
     # moved closer to horizontal than the net learned (fine-tuning must see what inference does)
-    orientation = burst_orientation(card, reg.aligned.shape, reg.transforms)
+    orientation = burst_orientation(card, reg.aligned.shape, reg.transforms, frames=frames)
     transposed = orientation["transposed"]
     aligned = reg.aligned
     if transposed:

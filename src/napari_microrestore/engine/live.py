@@ -64,7 +64,7 @@ def stream_orientation(card: ModelCard, frames: np.ndarray,
     if motion_angle is None and card.motion_axis is not None:
         dy, dx = phase_correlation(frames[0], frames[-1])[:2]
         transforms = _translation_transforms(np.array([[0.0, 0.0], [dx, dy]]))
-    return burst_orientation(card, frames.shape, transforms, motion_angle)
+    return burst_orientation(card, frames.shape, transforms, motion_angle, frames=frames)
 
 
 @dataclass(frozen=True)
@@ -419,7 +419,8 @@ def restore_burst_device(frames: Any, model: str | ModelCard = "tem-burst", *,
     reg = register_burst_torch(frames, reference, device=dev)
     x, mean, std = normalise_device(reg.aligned, reg.coverage)
     orientation = burst_orientation(card, tuple(reg.aligned.shape),
-                                    _translation_transforms(reg.translations.cpu().numpy()))
+                                    _translation_transforms(reg.translations.cpu().numpy()),
+                                    frames=frames)
     if orientation["transposed"]:  # as engine.restore does
         x = x.transpose(-1, -2).contiguous()
     h, w = x.shape[-2:]

@@ -361,26 +361,44 @@ def _transposes(angle: Optional[float]) -> bool:
     return angle is not None and not 45.0 <= angle <= 135.0
 
 
+# the motion blur read from the frames decides the orientation only when it is at least this
+# long (px): shorter blur hardly tells a direction, and matters little to the net
+MIN_BLUR_FOR_DIRECTION = 3.0
+# the blur is read on the central crop of a few frames (more when they are small)
+_BLUR_CROP, _BLUR_FRAMES, _BLUR_PIXELS = 512, 3, 3 * 512 * 512
+
+
 def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.ndarray] = None,
-                      motion_angle: Optional[float] = None) -> dict:
+                      motion_angle: Optional[float] = None, frames=None) -> dict:
     """How a learned burst net sees a burst of frames of ``shape`` (``(..., Y, X)``): the
     stage-motion direction and whether the frames are transposed for the net.
 
     The zoo's burst nets were trained on stage motion within 45 degrees of vertical
     (``card.motion_axis == "vertical"``); transposing a burst whose motion is closer to
     horizontal brings every direction into that range (a 10-degree motion becomes 80). The
-    direction is ``motion_angle`` if given, else the principal axis of the offsets of the
-    registration's ``transforms`` ((T, 2, 3), core's convention) (:func:`~napari_microrestore.core.registration.motion_direction`, when they spread
-    over >= 2 px). Otherwise (frames registered beforehand, or that barely moved) it is
-    unknown and the burst is left as it is: pass ``motion_angle`` for such data. (The blur
-    itself is not used: :func:`~napari_microrestore.core.probes.estimate_degradation` reads
-    blur of a few px into pure noise too often to turn a burst on its word.)
+    direction is, in this order:
+
+    1. ``motion_angle`` if given (source "given");
+    2. the principal axis of the offsets of the registration's ``transforms`` ((T, 2, 3),
+       core's convention) when they spread over >= 2 px
+       (:func:`~napari_microrestore.core.registration.motion_direction`; source
+       "registration");
+    3. the direction of the motion blur in ``frames`` (if given: frames as recorded, not
+       warped, whose interpolation smooths the noise and misleads the estimate),
+       measured by :func:`~napari_microrestore.core.probes.estimate_degradation` on the
+       central 512 x 512 px of 3 frames (more if smaller; about 0.4 s), when it finds at least
+       ``MIN_BLUR_FOR_DIRECTION`` px of blur (source "blur"): for frames registered
+       beforehand or that barely moved between exposures. Strongly oriented scenes (a
+       grating) can read as blur there; ``motion_angle`` overrides.
+
+    Otherwise the direction is unknown and the burst is left as it is.
 
     Returns
     -------
     dict
-        ``angle_deg`` (float or None), ``source`` ("given", "registration", "unknown", or "not
-        needed" for nets that take any direction and classical methods) and ``transposed``.
+        ``angle_deg`` (float or None), ``source`` ("given", "registration", "blur",
+        "unknown", or "not needed" for nets that take any direction and classical methods)
+        and ``transposed``.
     """
     from ..core.registration import motion_direction
 
@@ -399,10 +417,37 @@ def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.nda
     elif transforms is not None:
         angle = motion_direction(transforms, tuple(shape)[-2:])
         source = "registration"
+    if angle is None and frames is not None:
+        angle = blur_direction(frames)
+        source = "blur"
     if angle is None:
         source = "unknown"
     return {"angle_deg": None if angle is None else round(angle, 2), "source": source,
             "transposed": _transposes(angle)}
+
+
+def blur_direction(frames) -> Optional[float]:
+    """Direction (degrees in [0, 180), ``blur_angle``'s convention) of the motion blur in a
+    burst ``(T, Y, X)``, or None when less than ``MIN_BLUR_FOR_DIRECTION`` px of blur is
+    found (see :func:`burst_orientation`)."""
+    from ..core import probes
+
+    arr = frames if hasattr(frames, "detach") else np.asarray(frames)  # a torch tensor too
+    arr = arr[None] if arr.ndim == 2 else arr
+    t, ny, nx = arr.shape[-3:]
+    if min(ny, nx) < 32:
+        return None
+    n_use = min(t, max(_BLUR_FRAMES, _BLUR_PIXELS // (min(ny, _BLUR_CROP) * min(nx, _BLUR_CROP))))
+    keep = sorted({int(round(v)) for v in np.linspace(0, t - 1, n_use)})
+    y0, x0 = max(0, (ny - _BLUR_CROP) // 2), max(0, (nx - _BLUR_CROP) // 2)
+    crop = arr[keep, y0:y0 + _BLUR_CROP, x0:x0 + _BLUR_CROP]
+    if hasattr(crop, "detach"):
+        crop = crop.detach().float().cpu().numpy()
+    try:
+        est = probes.estimate_degradation(crop)
+    except InputError:   # constant frames: no blur to read
+        return None
+    return est.blur_angle if est.blur_length >= MIN_BLUR_FOR_DIRECTION else None
 
 
 def _restore_burst(data, card, dev, reference, register, motion, tile, progress, cancel, prov,
@@ -453,8 +498,12 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
     channels_in = card.task == "single-deblur"
     if channels_in and len(x) != fr["max"]:
         raise InputError(f"model {card.id} takes exactly {fr['max']} frames; got {len(x)}")
+    # the blur is read on frames as recorded (a warp's interpolation smooths the noise and
+    # misleads the estimate): the input when this call registers, else the reference frame
+    # (the one a registration leaves as it is)
     orientation = burst_orientation(card, aligned.shape, None if reg is None else reg.transforms,
-                                    motion_angle)
+                                    motion_angle,
+                                    frames=frames if reg is not None else frames[ref_local:ref_local + 1])
     prov["motion_direction"] = orientation
     if orientation["transposed"]:
         x = np.ascontiguousarray(x.transpose(0, 2, 1))

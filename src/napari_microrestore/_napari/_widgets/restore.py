@@ -188,9 +188,11 @@ def motion_note(prov: dict) -> str:
     md = prov.get("motion_direction") or {}
     if md.get("angle_deg") is not None:
         return (f"; stage motion {md['angle_deg']:.0f} deg"
+                + (" (from the blur)" if md.get("source") == "blur" else "")
                 + (", turned for the net" if md.get("transposed") else ""))
     if md.get("source") == "unknown":
-        return "; stage motion not measured (no registration, or frames barely moved): not turned"
+        return ("; stage motion not measured (no registration or frames barely moved, and no "
+                "clear blur): not turned")
     return ""
 
 
