@@ -85,6 +85,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-stream", action="store_true", help="skip the real-stream run")
+    for key, kind in (("lr", float), ("patch", int), ("batch", int)):
+        ap.add_argument(f"--{key}", type=kind, default=None, help=f"override the preset's {key}")
     args = ap.parse_args()
 
     root = shared_data_dir()
@@ -93,6 +95,8 @@ def main() -> int:
         return 0
     gpu = args.device.startswith("cuda")
     preset = dict(PRESETS["GPU" if gpu else "CPU quick"])
+    preset.update({k: getattr(args, k) for k in ("lr", "patch", "batch")
+                   if getattr(args, k) is not None})
     budgets = args.budgets or ([10.0, 20.0] if gpu else [30.0, 60.0, 120.0])
     print(f"# fine-tuning {args.model}, preset {'GPU' if gpu else 'CPU quick'} "
           f"(patch {preset['patch']}, batch {preset['batch']}, lr {preset['lr']}), device "
