@@ -112,6 +112,27 @@ def test_self_supervised_lowers_the_holdout_loss(burst, tiny_card):
     assert "psnr" in res2.before and "loss" in res2.before
 
 
+def test_self_supervised_reads_the_blur_on_the_recorded_frames(tiny_card):
+    from napari_microrestore.engine.finetune import _prepare
+
+    rng = np.random.default_rng(0)
+    scene = probes.make_probe("spots-lines", (420, 420), rng=rng) * 100 + 10
+    b = degrade.simulate_burst(scene, 5, shape=(192, 192), blur_length=8, blur_angle=0.0,
+                               angle_jitter=3.0, dose=40, rng=rng)
+    d = _prepare(b.frames, tiny_card, "self-supervised", None, None, None, None, None)
+    assert d.transposed
+    # measured on the frames as recorded (warped frames have smoothed noise), reported in the
+    # user's view (along the rows) and used in the net's (along the columns)
+    est = probes.estimate_degradation(b.frames)
+    assert d.blur["blur_length"] == round(est.blur_length, 2)
+    assert d.blur["blur_length"] == pytest.approx(8.0, rel=0.6)
+    assert min(d.blur["blur_angle"], 180 - d.blur["blur_angle"]) < 10
+    yy, xx = np.indices(d.psf.shape)
+    spread_y = (d.psf * (yy - (d.psf * yy).sum()) ** 2).sum()
+    spread_x = (d.psf * (xx - (d.psf * xx).sum()) ** 2).sum()
+    assert spread_y > 10 * spread_x
+
+
 def test_cancel_returns_the_best_weights_so_far(burst, tiny_card):
     token = CancelToken()
 

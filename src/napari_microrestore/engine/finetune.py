@@ -258,12 +258,14 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
     if mode == "self-supervised":
         from ..core import degrade, probes
 
-        est = probes.estimate_degradation(aligned)  # in the net's view, as the PSF is used
-        psf = degrade.motion_psf(est.blur_length, est.blur_angle) if est.blur_length > 0 \
+        # read on the frames as recorded: a warp's interpolation smooths the noise, and the
+        # estimate on registered frames often finds no blur (the PSF then does nothing)
+        est = probes.estimate_degradation(frames)
+        angle = float(est.blur_angle)  # the user's view; the PSF is used in the net's
+        net_angle = (90.0 - angle) % 180.0 if transposed else angle
+        psf = degrade.motion_psf(est.blur_length, net_angle) if est.blur_length > 0 \
             else np.ones((1, 1), np.float32)
-        angle = float(est.blur_angle)  # reported in the user's frame
-        blur = {"blur_length": round(float(est.blur_length), 2),
-                "blur_angle": round((90.0 - angle) % 180.0 if transposed else angle, 1)}
+        blur = {"blur_length": round(float(est.blur_length), 2), "blur_angle": round(angle, 1)}
     if holdout is None:
         holdout = default_holdout(cov, multiple=card.multiple)
     else:
