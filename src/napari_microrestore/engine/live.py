@@ -56,7 +56,8 @@ def stream_orientation(card: ModelCard, frames: np.ndarray,
                        motion_angle: Optional[float] = None) -> dict:
     """:func:`~napari_microrestore.engine.restore.burst_orientation` for a stream, from its
     first window ``frames`` (T, Y, X): the stage's direction from the phase correlation of the
-    first and last frame (the stage moves the same way through a stream, so it is decided once).
+    first and last frame, else from the frames' motion blur (the stage moves the same way
+    through a stream, so it is decided once).
     """
     from ..core.registration import phase_correlation
 

@@ -437,7 +437,8 @@ def blur_direction(frames) -> Optional[float]:
     t, ny, nx = arr.shape[-3:]
     if min(ny, nx) < 32:
         return None
-    n_use = min(t, max(_BLUR_FRAMES, _BLUR_PIXELS // (min(ny, _BLUR_CROP) * min(nx, _BLUR_CROP))))
+    per_frame = min(ny, _BLUR_CROP) * min(nx, _BLUR_CROP)
+    n_use = min(t, max(_BLUR_FRAMES, _BLUR_PIXELS // per_frame))
     keep = sorted({int(round(v)) for v in np.linspace(0, t - 1, n_use)})
     y0, x0 = max(0, (ny - _BLUR_CROP) // 2), max(0, (nx - _BLUR_CROP) // 2)
     crop = arr[keep, y0:y0 + _BLUR_CROP, x0:x0 + _BLUR_CROP]
@@ -501,9 +502,9 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
     # the blur is read on frames as recorded (a warp's interpolation smooths the noise and
     # misleads the estimate): the input when this call registers, else the reference frame
     # (the one a registration leaves as it is)
+    recorded = frames if reg is not None else frames[ref_local:ref_local + 1]
     orientation = burst_orientation(card, aligned.shape, None if reg is None else reg.transforms,
-                                    motion_angle,
-                                    frames=frames if reg is not None else frames[ref_local:ref_local + 1])
+                                    motion_angle, frames=recorded)
     prov["motion_direction"] = orientation
     if orientation["transposed"]:
         x = np.ascontiguousarray(x.transpose(0, 2, 1))
