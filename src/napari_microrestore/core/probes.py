@@ -640,7 +640,7 @@ def _structure_se(stack: np.ndarray, noise_var: float, noise_se: float) -> float
     return math.sqrt(sampling + (0.5 * noise_se) ** 2)
 
 
-def _blur(stack: np.ndarray, noise_var: float, noise_se: float = 0.0) -> tuple[float, float]:
+def _blur(stack: np.ndarray, noise_var: float, noise_se: float) -> tuple[float, float]:
     """(length px, angle deg) of the motion blur; length 0 if none is seen: when the scene's
     gradient energy (noise removed) is isotropic, or too weak to tell from the noise (its
     larger eigenvalue below ``_MIN_STRUCTURE_Z`` standard errors, see ``_structure_se``)."""
