@@ -29,7 +29,7 @@ def test_burst_protocol_classical_mean_has_zero_gain(shared_data):
     res = ev.evaluate_burst(get_card("tem-burst-fast"), n_bursts=2, size=128, device="cpu",
                             blur_angle=(10.0, 10.0))
     for row in res["per_burst"]:
-        assert abs(row["blur_angle"] - 10.0) <= 10.0 and row["transposed"] is True
+        assert abs(row["blur_angle"] - 10.0) <= 10.0 and -90 <= row["rotation_deg"] < -70
 
 
 def test_defocus_protocol_identity_net_has_zero_gain(shared_data, tmp_path):

@@ -88,7 +88,7 @@ def test_cli_restore_and_models(tmp_path, burst, capsys):
     assert cli.main(["restore", str(path), "-o", str(out), "--model", "tem-burst-fast",
                      "--motion-angle", "0"]) == 0
     assert json.loads((tmp_path / "n.json").read_text())["motion_direction"] == {
-        "angle_deg": 0.0, "source": "given", "transposed": True}
+        "angle_deg": 0.0, "source": "given", "rotation_deg": -90.0}
     assert cli.main(["models"]) == 0
     assert "registered-mean" in capsys.readouterr().out
     bad = tmp_path / "x.tif"
@@ -120,34 +120,69 @@ def sideways_burst():
                                   angle_jitter=3.0, dose=40, rng=rng)
 
 
-def test_a_sideways_burst_is_transposed_for_the_net_and_back(sideways_burst):
+def test_a_sideways_burst_is_turned_for_the_net_and_back(sideways_burst):
     pytest.importorskip("torch")
+    from napari_microrestore.core.orient import net_rotation
+
     frames = sideways_burst.frames
     side = restore(frames, "tem-burst-fast", device="cpu")
     md = side.provenance["motion_direction"]
-    assert md["source"] == "registration" and md["transposed"] is True
+    assert md["source"] == "registration" and abs(md["rotation_deg"]) > 80
+    assert md["rotation_deg"] == round(net_rotation(md["angle_deg"]), 2)
     assert min(md["angle_deg"], 180 - md["angle_deg"]) < 10
     assert side.image.shape == frames.shape[1:]
-    # the same burst turned by hand: the net sees the same pixels (registered frames, so that
-    # ECC's own small asymmetries between rows and columns do not enter)
+    # a quarter turn is exact: the burst turned by hand gives the turned answer (registered
+    # frames, so that ECC's own small asymmetries between rows and columns do not enter)
     aligned = side.registration.aligned
     by_angle = restore(aligned, "tem-burst-fast", device="cpu", register=False, motion_angle=0)
-    upright = restore(np.ascontiguousarray(aligned.transpose(0, 2, 1)), "tem-burst-fast",
-                      device="cpu", register=False, motion_angle=90)
-    assert by_angle.provenance["motion_direction"]["transposed"] is True
-    assert upright.provenance["motion_direction"]["transposed"] is False
-    np.testing.assert_allclose(by_angle.image, upright.image.T, rtol=0,
+    upright = restore(np.ascontiguousarray(np.rot90(aligned, -1, axes=(1, 2))),
+                      "tem-burst-fast", device="cpu", register=False, motion_angle=90)
+    assert by_angle.provenance["motion_direction"]["rotation_deg"] == -90.0
+    assert upright.provenance["motion_direction"]["rotation_deg"] == 0.0
+    np.testing.assert_allclose(by_angle.image, np.rot90(upright.image), rtol=0,
                                atol=1e-5 * float(np.ptp(upright.image)))
     # the registration of the turned burst finds the turned motion
     turned = restore(np.ascontiguousarray(frames.transpose(0, 2, 1)), "tem-burst-fast",
                      device="cpu")
     md = turned.provenance["motion_direction"]
-    assert md["transposed"] is False and abs(md["angle_deg"] - 90) < 10
+    assert abs(md["rotation_deg"]) < 10 and abs(md["angle_deg"] - 90) < 10
     # a given direction wins over the registration's
     told = restore(frames, "tem-burst-fast", device="cpu", motion_angle=90)
     assert told.provenance["motion_direction"] == {"angle_deg": 90.0, "source": "given",
-                                                   "transposed": False}
+                                                   "rotation_deg": 0.0}
     assert not np.allclose(told.image, side.image)
+
+
+@pytest.mark.parametrize("angle", [0.0, 30.0, 60.0, 150.0])
+def test_the_net_sees_the_stage_move_along_the_columns(angle, monkeypatch):
+    """Whatever the direction, the frames reach the net moving along the columns (the shift
+    between the first and last frame, on the net's canvas, is vertical), and the answer comes
+    back on the input's grid."""
+    pytest.importorskip("torch")
+    from napari_microrestore.core.registration import phase_correlation
+    from napari_microrestore.engine import restore as engine
+
+    rng = np.random.default_rng(7)
+    scene = probes.make_probe("spots-lines", (320, 320), rng=rng) * 100 + 10
+    burst = degrade.simulate_burst(scene, 5, shape=(128, 144), blur_length=2, blur_angle=angle,
+                                   angle_jitter=0.0, step=3.0, position_jitter=0.0, dose=500,
+                                   rng=rng)
+    seen = {}
+    real = engine.run_net
+
+    def spy(net, x, **kw):
+        seen["x"] = x
+        return real(net, x, **kw)
+
+    monkeypatch.setattr(engine, "run_net", spy)
+    res = restore(burst.frames, "tem-burst-fast", device="cpu", register=False,
+                  motion_angle=angle)
+    x = seen["x"]
+    dy, dx = phase_correlation(x[0], x[-1])[:2]
+    assert abs(dx) < 0.1 * abs(dy) and abs(dy) > 10  # 12 px along the motion
+    assert res.image.shape == burst.frames.shape[1:] and np.isfinite(res.image).all()
+    # a slanted motion needs a larger canvas, a quarter turn swaps the sides
+    assert (np.prod(x.shape[1:]) > burst.frames[0].size) == (angle % 90 != 0)
 
 
 def test_burst_orientation_rules(sideways_burst):
@@ -157,28 +192,29 @@ def test_burst_orientation_rules(sideways_burst):
     net, mean = get_card("tem-burst-fast"), get_card("registered-mean")
     frames = sideways_burst.frames
     assert burst_orientation(mean, frames.shape, None, 0.0) == {
-        "angle_deg": None, "source": "not needed", "transposed": False}
+        "angle_deg": None, "source": "not needed", "rotation_deg": 0.0}
     assert burst_orientation(net, frames.shape, None, 200.0)["angle_deg"] == 20.0  # modulo 180
-    for angle, transposed in ((44.0, True), (45.0, False), (135.0, False), (136.0, True)):
-        assert burst_orientation(net, frames.shape, None, angle)["transposed"] is transposed
+    for angle, turn in ((0.0, -90.0), (44.0, -46.0), (90.0, 0.0), (135.0, 45.0),
+                        (179.996, -90.0), (136.5, 46.5)):
+        assert burst_orientation(net, frames.shape, None, angle)["rotation_deg"] == turn
     with pytest.raises(InputError, match="motion_angle"):
         burst_orientation(net, frames.shape, None, "sideways")
     # frames that did not move, or were registered before, and no frames to read the blur of
     still = np.tile(np.eye(2, 3), (5, 1, 1))
     for reg in (still, None):
         assert burst_orientation(net, frames.shape, reg) == {"angle_deg": None, "source": "unknown",
-                                                       "transposed": False}
+                                                       "rotation_deg": 0.0}
         # the blur in the frames says the stage moved along the rows
         by_blur = burst_orientation(net, frames.shape, reg, frames=frames)
-        assert by_blur["source"] == "blur" and by_blur["transposed"] is True
+        assert by_blur["source"] == "blur" and abs(by_blur["rotation_deg"]) > 75
         assert min(by_blur["angle_deg"], 180 - by_blur["angle_deg"]) < 15
         upright = burst_orientation(net, frames.shape, reg,
                                     frames=np.ascontiguousarray(frames.transpose(0, 2, 1)))
-        assert upright["source"] == "blur" and upright["transposed"] is False
+        assert upright["source"] == "blur" and abs(upright["rotation_deg"]) < 15
         # pure noise has no blur to read: unknown, not a guess
         noise = np.random.default_rng(0).poisson(30.0, frames.shape).astype(np.float32)
         assert burst_orientation(net, frames.shape, reg, frames=noise) == {
-            "angle_deg": None, "source": "unknown", "transposed": False}
+            "angle_deg": None, "source": "unknown", "rotation_deg": 0.0}
     # the registration's direction comes before the blur's
     assert burst_orientation(net, frames.shape, None, 90.0, frames=frames)["source"] == "given"
 
@@ -193,12 +229,13 @@ def test_a_pre_registered_sideways_burst_is_turned_by_its_blur():
     # registered elsewhere: the blur of the reference frame (not warped) tells the direction
     unsaid = restore(aligned, "tem-burst-fast", device="cpu", register=False)
     md = unsaid.provenance["motion_direction"]
-    assert md["source"] == "blur" and md["transposed"] is True
-    told = restore(aligned, "tem-burst-fast", device="cpu", register=False, motion_angle=0)
+    assert md["source"] == "blur" and abs(md["rotation_deg"]) > 75
+    told = restore(aligned, "tem-burst-fast", device="cpu", register=False,
+                   motion_angle=md["angle_deg"])
     np.testing.assert_array_equal(unsaid.image, told.image)
     upright = restore(np.ascontiguousarray(aligned.transpose(0, 2, 1)), "tem-burst-fast",
                       device="cpu", register=False).provenance["motion_direction"]
-    assert upright["source"] == "blur" and upright["transposed"] is False
+    assert upright["source"] == "blur" and abs(upright["rotation_deg"]) < 15
 
 
 def test_a_card_can_take_any_direction(tmp_path):

@@ -63,8 +63,8 @@ def evaluate_burst(model: str | ModelCard, *, sources: Sequence[str] = DEFAULT_S
                      # the reference frame's blur (the others jitter around it)
                      "blur_length": b.params["blur_lengths"][b.reference],
                      "blur_angle": b.params["blur_angles"][b.reference] % 180.0,
-                     "transposed": (res.provenance.get("motion_direction") or {}).get(
-                         "transposed")})
+                     "rotation_deg": (res.provenance.get("motion_direction") or {}).get(
+                         "rotation_deg")})
         report(progress, (i + 1) / n_bursts, f"burst {i + 1}/{n_bursts}")
     agg = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ssim", "mean_psnr",
                                                             "mean_ssim")}

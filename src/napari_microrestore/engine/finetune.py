@@ -63,6 +63,7 @@ import numpy as np
 from .. import __version__
 from ..core import metrics
 from ..core.errors import CancelToken, InputError, ProgressCallback, check_cancel, report
+from ..core.orient import Rotation
 from ..models.zoo import PACKAGE_ZOO, ModelCard, get_card, list_cards, sha256_file, user_model_dir
 
 MODES = ("pairs", "self-supervised")
@@ -136,16 +137,45 @@ class _Data:
     frames_used: list
     reference: int
     registration: dict
-    # the net's view: transposed when the stage moved closer to horizontal (see
-    # engine.restore.burst_orientation); x, coverage, target, holdout and region are then in
-    # transposed coordinates, and shown() / the previews turn them back
-    transposed: bool = False
+    # the net's view: rotated until the stage motion runs along the columns (see
+    # engine.restore.burst_orientation; None: as recorded); x, coverage (False outside the
+    # frame), target, holdout and region are then on the rotated canvas, and shown() / the
+    # previews turn them back
+    rotation: Optional[Rotation] = None
     orientation: Optional[dict] = None
+    holdout_shown: Optional[tuple] = None  # the holdout in the user's frame, as given
+
 
     def shown(self, box: tuple) -> tuple:
-        """A ``(y, x, h, w)`` box of the net's view in the user's frame."""
-        y, x, h, w = (int(v) for v in box)
-        return (x, y, w, h) if self.transposed else (y, x, h, w)
+        """A ``(y, x, h, w)`` box of the net's view in the user's frame: exact for quarter
+        turns; otherwise the box of the same size around where its centre comes from."""
+        return _turn_box(box, self.rotation, inverse=True)
+
+
+def _turn_box(box: tuple, turn: Optional[Rotation], inverse: bool = False) -> tuple:
+    """``(y, x, h, w)`` box of the frame on the canvas of ``turn`` (or back, ``inverse``): the
+    box of the same size (swapped by an odd number of quarter turns) around where its centre
+    lands, clipped to the target grid."""
+    y, x, h, w = (int(v) for v in box)
+    if turn is None:
+        return (y, x, h, w)
+    cy, cx = turn.point(y + (h - 1) / 2.0, x + (w - 1) / 2.0, inverse=inverse)
+    if turn.k % 2:
+        h, w = w, h
+    gh, gw = turn.shape if inverse else turn.canvas
+    h, w = min(h, gh), min(w, gw)
+    y0 = int(np.clip(round(cy - (h - 1) / 2.0), 0, gh - h))
+    x0 = int(np.clip(round(cx - (w - 1) / 2.0), 0, gw - w))
+    return (y0, x0, h, w)
+
+
+def _fully_covered(coverage: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(Y - h + 1, X - w + 1) bool: whether the h x w box at each top-left corner lies wholly
+    in ``coverage``."""
+    c = np.zeros((coverage.shape[0] + 1, coverage.shape[1] + 1), np.int64)
+    c[1:, 1:] = np.cumsum(np.cumsum(coverage, 0), 1)
+    inside = c[h:, w:] - c[:-h, w:] - c[h:, :-w] + c[:-h, :-w]
+    return inside == h * w
 
 
 def base_card(model: str | ModelCard) -> ModelCard:
@@ -175,7 +205,8 @@ def _as_burst(data: Any, need: int) -> np.ndarray:
 
 def default_holdout(coverage: np.ndarray, side: Optional[int] = None,
                     multiple: int = 8) -> tuple[int, int, int, int]:
-    """A square at the bottom-right corner of the covered region: ``(y, x, h, w)``.
+    """A square at the bottom-right corner of the covered region (the wholly covered one
+    nearest it when the region is not a rectangle): ``(y, x, h, w)``.
 
     Side: a quarter of the covered region's shorter side, 64 to 192 px (at least 32 px on
     small images), rounded down to ``multiple``."""
@@ -188,7 +219,16 @@ def default_holdout(coverage: np.ndarray, side: Optional[int] = None,
     if side < multiple or side > short:
         raise InputError(f"the covered region {y1 - y0}x{x1 - x0} px is too small for a "
                          "holdout crop")
-    return (y1 - side, x1 - side, side, side)
+    ok = _fully_covered(coverage, side, side)
+    if ok[y1 - side, x1 - side]:
+        return (y1 - side, x1 - side, side, side)
+    # a covered region that is not a rectangle (a rotated view, an affine registration): the
+    # wholly covered square nearest the bottom-right corner
+    ys, xs = np.nonzero(ok)
+    if not len(ys):
+        raise InputError(f"no {side} px holdout square fits in the covered region")
+    i = int(np.argmax(ys + xs))
+    return (int(ys[i]), int(xs[i]), side, side)
 
 
 def _covered_box(coverage: np.ndarray) -> tuple[int, int, int, int]:
@@ -232,16 +272,14 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
                          (lambda f, m: progress(0.1 * f, f"registering: {m}")), cancel=cancel)
     cov = reg.coverage
     shape = cov.shape
-    # the base model's view of the burst, as restore() gives it: transposed when the stage
-    # moved closer to horizontal than the net learned (fine-tuning must see what inference does)
+    # the base model's view of the burst, as restore() gives it: rotated until the stage
+    # motion runs along the columns (fine-tuning must see what inference does)
     orientation = burst_orientation(card, reg.aligned.shape, reg.transforms, frames=frames)
-    transposed = orientation["transposed"]
+    turn: Optional[Rotation] = Rotation(shape, orientation["rotation_deg"])
+    if turn.identity:
+        turn = None
     aligned = reg.aligned
-    if transposed:
-        aligned = np.ascontiguousarray(aligned.transpose(0, 2, 1))
-        cov = np.ascontiguousarray(cov.T)
     x, mean, std = _normalise(aligned, cov if cov.any() else None)
-    box = _covered_box(cov)
     target = None
     if reference is not None:
         ref_img = np.asarray(reference)
@@ -251,8 +289,6 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
         ref_img = ref_img.astype(np.float32)
         if not np.isfinite(ref_img).all():
             raise InputError("the reference image contains NaN or infinite values")
-        if transposed:
-            ref_img = np.ascontiguousarray(ref_img.T)
         target = (_fit_reference(ref_img, aligned.mean(0), cov) - mean) / std
     psf, blur = None, {}
     if mode == "self-supervised":
@@ -262,10 +298,16 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
         # estimate on registered frames often finds no blur (the PSF then does nothing)
         est = probes.estimate_degradation(frames)
         angle = float(est.blur_angle)  # the user's view; the PSF is used in the net's
-        net_angle = (90.0 - angle) % 180.0 if transposed else angle
+        net_angle = (angle - orientation["rotation_deg"]) % 180.0
         psf = degrade.motion_psf(est.blur_length, net_angle) if est.blur_length > 0 \
             else np.ones((1, 1), np.float32)
         blur = {"blur_length": round(float(est.blur_length), 2), "blur_angle": round(angle, 1)}
+    if turn is not None:   # into the net's view
+        x = turn.forward(x)
+        target = None if target is None else turn.forward(target)
+        cov = turn.valid(cov)
+    box = _covered_box(cov)
+    shown_box = None
     if holdout is None:
         holdout = default_holdout(cov, multiple=card.multiple)
     else:
@@ -278,13 +320,21 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
                 or hy + hh > shape[0] or hx + hw > shape[1]):
             raise InputError(f"holdout {holdout} (y, x, height, width) must lie inside the "
                              f"{shape[0]}x{shape[1]} frame and be at least {m} px")
-        holdout = (hy, hx, hh // m * m, hw // m * m)
-        if transposed:
-            holdout = (holdout[1], holdout[0], holdout[3], holdout[2])
-    return _Data(x=x.astype(np.float32), coverage=cov, mean=mean, std=std, target=target,
-                 psf=psf, blur=blur, holdout=holdout, region=box, frames_used=used,
-                 reference=ref_local, registration=reg.to_dict(), transposed=transposed,
-                 orientation=orientation)
+        shown_box = (hy, hx, hh // m * m, hw // m * m)
+        holdout = _turn_box(shown_box, turn)
+        # scored where every registered frame covers it (the loss mask), so it may reach
+        # past that region, but not lie wholly outside it
+        if not cov[holdout[0]:holdout[0] + holdout[2], holdout[1]:holdout[1] + holdout[3]].any():
+            raise InputError(f"holdout {tuple(int(v) for v in (hy, hx, hh, hw))} (y, x, "
+                             "height, width) lies outside the region every registered frame "
+                             "covers; move it inwards")
+    d = _Data(x=x.astype(np.float32), coverage=cov, mean=mean, std=std, target=target,
+              psf=psf, blur=blur, holdout=holdout, region=box, frames_used=used,
+              reference=ref_local, registration=reg.to_dict(), rotation=turn,
+              orientation=orientation, holdout_shown=shown_box)
+    if d.holdout_shown is None:
+        d.holdout_shown = d.shown(holdout)
+    return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +351,7 @@ def _patch_origins(d: _Data, patch: int) -> tuple[np.ndarray, np.ndarray]:
     hy, hx, hh, hw = d.holdout
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     clear = (yy + patch <= hy) | (yy >= hy + hh) | (xx + patch <= hx) | (xx >= hx + hw)
+    clear &= _fully_covered(d.coverage, patch, patch)[yy, xx]
     if not clear.any():
         raise InputError(f"no {patch} px training patch fits beside the holdout crop; use a "
                          "larger burst or a smaller patch")
@@ -430,8 +481,13 @@ class _Holdout:
             r = metrics.compare(pred_np, self.truth, mask=self.mask, border=self.border, fit=True)
             scores.update(psnr=float(r["psnr"]), ssim=float(r["ssim"]))
             scores["score"] = scores["psnr"]
+        turn = self.d.rotation
+        if turn is not None:  # back to the user's orientation (corners outside: the mean)
+            hh, hw = pred_np.shape
+            shape = (hw, hh) if turn.k % 2 else (hh, hw)
+            pred_np = Rotation(shape, turn.phi, canvas=(hh, hw)).inverse(pred_np, fill="zeros")
         preview = (pred_np * self.d.std + self.d.mean).astype(np.float32)
-        return scores, np.ascontiguousarray(preview.T) if self.d.transposed else preview
+        return scores, np.ascontiguousarray(preview)
 
 
 def finetune(model: str | ModelCard, data: Any, *, mode: str = "pairs",
@@ -514,7 +570,7 @@ def finetune(model: str | ModelCard, data: Any, *, mode: str = "pairs",
                     **before}]
         if on_update is not None:
             on_update(FinetuneUpdate(0, time.perf_counter() - t0, None, _headline(before),
-                                     _headline(before), preview_before, d.shown(d.holdout)))
+                                     _headline(before), preview_before, d.holdout_shown))
         # foreach: one fused update for all tensors, instead of a Python loop per tensor that
         # holds the GIL (and so slows the GUI thread) far longer
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, foreach=True)
@@ -533,7 +589,7 @@ def finetune(model: str | ModelCard, data: Any, *, mode: str = "pairs",
                         "state": copy.deepcopy(net.state_dict())}
             history[-1].update(scores)
             upd.score, upd.preview = _headline(scores), preview
-            upd.holdout = d.shown(d.holdout)
+            upd.holdout = d.holdout_shown
             upd.best = best["headline"]
 
         step_time = 0.0
@@ -605,7 +661,7 @@ def finetune(model: str | ModelCard, data: Any, *, mode: str = "pairs",
     result = FinetuneResult(
         net=net, card={}, base=card, mode=mode, before=before, after=after, history=history,
         best_step=int(best["step"]), steps=step, seconds=round(seconds, 3), device=dev,
-        cancelled=cancelled, holdout=d.shown(d.holdout),
+        cancelled=cancelled, holdout=d.holdout_shown,
         preview_before=preview_before, preview_after=preview_after)
     params = {"mode": mode, "budget_seconds": budget_seconds, "steps": steps, "lr": lr,
               "patch": patch, "batch": batch, "holdout": list(result.holdout),
@@ -714,7 +770,7 @@ def adapt(model: str | ModelCard, data: Any, *, reference_frame: Optional[int] =
     result = FinetuneResult(
         net=adapted.cpu().eval(), card={}, base=card, mode="adapt-bn", before={}, after={},
         seconds=round(time.perf_counter() - t0, 3), device=dev,
-        holdout=d.shown(d.holdout), preview_before=preview_before,
+        holdout=d.holdout_shown, preview_before=preview_before,
         preview_after=preview_after)
     params = {"mode": "adapt-bn", "passes": passes, "reference_frame": reference_frame,
               "reference_given": False}

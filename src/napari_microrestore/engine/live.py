@@ -38,6 +38,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..core.errors import CancelToken, InputError, check_cancel
+from ..core.orient import Rotation
 from ..core.registration import prefilter_sigma
 from ..core.tiling import plan_tiles, tile_weights
 from ..models.zoo import ModelCard, get_card
@@ -170,9 +171,10 @@ class LivePipeline:
     motion_angle
         Direction the stage moves (degrees from +x towards +y). By default it is measured on
         the first window (:func:`stream_orientation`), whose frames are kept on the host until
-        it is full (no frame is restored before that anyway); a stream moving closer to
-        horizontal than the net learned is transposed frame by frame on the host, computed in
-        that orientation and turned back (``orientation`` says what was decided).
+        it is full (no frame is restored before that anyway). Frames are registered as they
+        come; the registered window is rotated on the device until the motion runs along the
+        columns, as the net learned, and the answer rotated back (``orientation`` says what
+        was decided; the sampling grids are made once per stream).
     """
 
     def __init__(self, model: str | ModelCard = "tem-burst-fast", device: str = "auto",
@@ -216,6 +218,7 @@ class LivePipeline:
         self.count = 0
         self.motion_angle = motion_angle
         self.orientation: Optional[dict] = None  # stream_orientation's, at the first window
+        self._rotation: Optional[Rotation] = None  # the net's view (None: as recorded)
         self._pending: list[np.ndarray] = []     # the first window's frames until then
         self._shape: Optional[tuple] = None
         self._graph = None
@@ -244,10 +247,15 @@ class LivePipeline:
     def restore_aligned(self, aligned: Any, coverage: Any) -> Any:
         """Restore ``(T, Y, X)`` registered frames (device tensors) into a ``(Y, X)`` float32
         tensor in input units, as engine.restore does for one tile."""
-        h, w = aligned.shape[-2:]
         x, mean, std = normalise_device(aligned, coverage)
+        turn = self._rotation
+        if turn is not None:
+            x = turn.forward(x)
+        h, w = x.shape[-2:]
         x = _pad_to(x, self.multiple)[None, :, None]
         y = self._net(x)[0, 0, :h, :w].float()
+        if turn is not None:
+            y = turn.inverse(y)
         return (y * std.float() + mean.float()).float()
 
     def _step(self) -> dict:
@@ -333,8 +341,6 @@ class LivePipeline:
                 return None
             self._start()
         else:
-            if self.orientation["transposed"]:
-                arr = np.ascontiguousarray(arr.T)
             self._upload(arr)
             self.count += 1
             self.stream.count = self.count
@@ -361,8 +367,8 @@ class LivePipeline:
         first = np.stack(self._pending)
         self._pending = []
         self.orientation = stream_orientation(self.card, first, self.motion_angle)
-        if self.orientation["transposed"]:
-            first = np.ascontiguousarray(first.transpose(0, 2, 1))
+        turn = Rotation(first.shape[1:], self.orientation["rotation_deg"], self.device)
+        self._rotation = None if turn.identity else turn
         sigma = prefilter_sigma(first[0]) if self.sigma is None else self.sigma
         self.sigma = sigma
         self.stream = StreamRegistrar(self.window, first.shape[1:], sigma=sigma,
@@ -380,8 +386,6 @@ class LivePipeline:
         """Copy the step's outputs out of the (possibly static) buffers."""
         out = self._out
         image, shifts = out["image"], out["translations"].flip(1)
-        if self.orientation["transposed"]:  # back to the input's orientation
-            image, shifts = image.t(), out["translations"]
         if self.keep_on_device:
             return LiveFrame(index, image.contiguous(), shifts.clone(), out["ecc"].clone(),
                              out["failure"] == 0, time.perf_counter() - t0)
@@ -422,8 +426,8 @@ def restore_burst_device(frames: Any, model: str | ModelCard = "tem-burst", *,
     orientation = burst_orientation(card, tuple(reg.aligned.shape),
                                     _translation_transforms(reg.translations.cpu().numpy()),
                                     frames=frames)
-    if orientation["transposed"]:  # as engine.restore does
-        x = x.transpose(-1, -2).contiguous()
+    turn = Rotation(x.shape, orientation["rotation_deg"], dev)  # as engine.restore does
+    x = turn.forward(x)
     h, w = x.shape[-2:]
     multiple = int(getattr(net, "multiple", 1))
     halo = int(min(math.ceil(net.receptive_radius), 256))
@@ -444,5 +448,4 @@ def restore_burst_device(frames: Any, model: str | ModelCard = "tem-burst", *,
                 wt = torch.from_numpy(tile_weights(t, halo=halo, blend=blend)).to(dev)
                 acc[t.y, t.x] += o * wt
                 wsum[t.y, t.x] += wt
-    out = (acc / wsum)[:h, :w] * std.float() + mean.float()
-    return out.t().contiguous() if orientation["transposed"] else out
+    return turn.inverse((acc / wsum)[:h, :w]) * std.float() + mean.float()

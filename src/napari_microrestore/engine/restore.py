@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.errors import CancelToken, InputError, ProgressCallback, check_cancel, report
+from ..core.orient import Rotation, net_rotation
 from ..core.tiling import apply_tiled
 from ..models.zoo import ModelCard, get_card
 
@@ -330,8 +331,9 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
 
     ``motion_angle`` (learned burst models): the direction the stage moved, in degrees from +x
     towards +y (90 = along the columns); by default it is read from the registration (see
-    :func:`burst_orientation`). The zoo's nets learned motion within 45 degrees of vertical, so
-    a burst whose motion is closer to horizontal is transposed for the net and back.
+    :func:`burst_orientation`). The zoo's nets learned motion along the columns, so the
+    registered burst is rotated for the net until its motion runs along them, and the answer
+    rotated back (:mod:`~napari_microrestore.core.orient`).
     """
     card = model if isinstance(model, ModelCard) else get_card(model)
     t0 = time.perf_counter()
@@ -355,12 +357,6 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
     return res
 
 
-def _transposes(angle: Optional[float]) -> bool:
-    """Whether a net that expects vertical motion gets the burst transposed: the motion is
-    more than 45 degrees from vertical."""
-    return angle is not None and not 45.0 <= angle <= 135.0
-
-
 # the motion blur read from the frames decides the orientation only when it is at least this
 # long (px): shorter blur hardly tells a direction, and matters little to the net
 MIN_BLUR_FOR_DIRECTION = 3.0
@@ -371,12 +367,12 @@ _BLUR_CROP, _BLUR_FRAMES, _BLUR_PIXELS = 512, 3, 3 * 512 * 512
 def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.ndarray] = None,
                       motion_angle: Optional[float] = None, frames=None) -> dict:
     """How a learned burst net sees a burst of frames of ``shape`` (``(..., Y, X)``): the
-    stage-motion direction and whether the frames are transposed for the net.
+    stage-motion direction and the rotation that turns it along the columns for the net.
 
-    The zoo's burst nets were trained on stage motion within 45 degrees of vertical
-    (``card.motion_axis == "vertical"``); transposing a burst whose motion is closer to
-    horizontal brings every direction into that range (a 10-degree motion becomes 80). The
-    direction is, in this order:
+    The zoo's burst nets were trained on stage motion along the columns, within ~10 degrees
+    (``card.motion_axis == "vertical"``); a burst moving along ``angle`` is rotated by
+    ``core.orient.net_rotation(angle)`` (``angle - 90`` in [-90, 90)) for the net and back
+    (:class:`~napari_microrestore.core.orient.Rotation`). The direction is, in this order:
 
     1. ``motion_angle`` if given (source "given");
     2. the principal axis of the offsets of the registration's ``transforms`` ((T, 2, 3),
@@ -396,14 +392,16 @@ def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.nda
     Returns
     -------
     dict
-        ``angle_deg`` (float or None), ``source`` ("given", "registration", "blur",
-        "unknown", or "not needed" for nets that take any direction and classical methods)
-        and ``transposed``.
+        ``angle_deg`` (float or None, rounded to 0.01 degree), ``source`` ("given",
+        "registration", "blur", "unknown", or "not needed" for nets that take any direction
+        and classical methods) and ``rotation_deg`` (what the frames are rotated by for the
+        net, from the rounded angle: passing ``angle_deg`` back as ``motion_angle`` gives the
+        same rotation).
     """
     from ..core.registration import motion_direction
 
     if card.motion_axis is None:
-        return {"angle_deg": None, "source": "not needed", "transposed": False}
+        return {"angle_deg": None, "source": "not needed", "rotation_deg": 0.0}
     angle, source = None, "unknown"
     if motion_angle is not None:
         try:
@@ -422,8 +420,9 @@ def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.nda
         source = "blur"
     if angle is None:
         source = "unknown"
-    return {"angle_deg": None if angle is None else round(angle, 2), "source": source,
-            "transposed": _transposes(angle)}
+    angle = None if angle is None else round(angle, 2) % 180.0
+    return {"angle_deg": angle, "source": source,
+            "rotation_deg": round(net_rotation(angle), 2)}
 
 
 def blur_direction(frames) -> Optional[float]:
@@ -506,12 +505,11 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
     orientation = burst_orientation(card, aligned.shape, None if reg is None else reg.transforms,
                                     motion_angle, frames=recorded)
     prov["motion_direction"] = orientation
-    if orientation["transposed"]:
-        x = np.ascontiguousarray(x.transpose(0, 2, 1))
+    turn = Rotation(x.shape, orientation["rotation_deg"])
+    x = turn.forward(x)
     y, tiling = run_net(net, x, burst=not channels_in, device=dev, tile=tile,
                         progress=sub(0.3, 1.0), cancel=cancel)
-    if orientation["transposed"]:
-        y = np.ascontiguousarray(y.transpose(0, 2, 1))
+    y = turn.inverse(y)
     prov["tiling"] = tiling
     prov["normalisation"] = {"mean": mean, "std": std}
     out = y[0]  # float32, a fresh array: back to input units in place

@@ -93,10 +93,11 @@ class ModelCard:
     @property
     def motion_axis(self) -> Optional[str]:
         """The stage-motion orientation a learned burst net expects: ``"vertical"`` (every net
-        trained here: the simulated stage moves within 45 degrees of the columns, and
-        :func:`~napari_microrestore.engine.restore.restore` transposes a burst whose motion is
-        closer to the rows), or None when the card says ``input: {motion_axis: any}`` (a net
-        trained on every direction) and for classical methods and non-burst tasks."""
+        trained here: the simulated stage moves along the columns, and
+        :func:`~napari_microrestore.engine.restore.restore` rotates a burst until its motion
+        does, see :mod:`~napari_microrestore.core.orient`), or None when the card says
+        ``input: {motion_axis: any}`` (a net trained on every direction) and for classical
+        methods and non-burst tasks."""
         if not self.is_burst or self.is_classical:
             return None
         axis = str(self.input.get("motion_axis", "vertical"))

@@ -189,7 +189,8 @@ def motion_note(prov: dict) -> str:
     if md.get("angle_deg") is not None:
         return (f"; stage motion {md['angle_deg']:.0f} deg"
                 + (" (from the blur)" if md.get("source") == "blur" else "")
-                + (", turned for the net" if md.get("transposed") else ""))
+                + (f", turned {md['rotation_deg']:+.0f} deg for the net"
+                   if md.get("rotation_deg") else ""))
     if md.get("source") == "unknown":
         return ("; stage motion not measured (no registration or frames barely moved, and no "
                 "clear blur): not turned")
