@@ -14,12 +14,14 @@ models never trained on; the ground truth is that section. Scenarios:
 * ``as-trained``: degradations inside the training ranges (vertical motion, 10 px blur,
   20 counts / px): what fine-tuning adds when the user's data resemble the training data;
 * ``horizontal``: the user's stage moves along X (blur angle 0 degrees), 10 px blur, 20
-  counts / px. The shipped models learned 45-135 degrees, and the engine turns a burst that
-  moves closer to horizontal (``engine.restore.burst_orientation``), so the net sees this as
-  vertical motion (before that turn the base model lost ~3 dB here, which fine-tuning won
-  back);
+  counts / px. The shipped models learned motion along the columns, and the engine turns a
+  burst until its motion runs along them (``engine.restore.burst_orientation``,
+  ``core.orient``), here by an exact quarter turn (before any turn the base model lost ~3 dB
+  here, which fine-tuning won back);
 * ``long-blur``: vertical motion, 24 px blur (beyond the trained 6-14), 20 counts / px: a
   faster stage than the training one;
+* ``diagonal``: as ``long-blur`` with the stage moving at 30 degrees, which the engine turns
+  by -60 degrees (interpolated, on a larger canvas): fine-tuning on a rotated view;
 * ``low-dose``: vertical motion, 14 px blur, 6 counts / px (below the trained 12-80).
 
 The TEM stream data under ``tem_stream/`` are too noisy to serve as clean ground truth, so the
@@ -49,6 +51,8 @@ SCENARIOS = {
                    "blur_length": 10.0, "dose": 20.0},
     "horizontal": {"source": "sstem/gerhard_vnc_stack1.tif", "blur_angle": 0.0,
                    "blur_length": 10.0, "dose": 20.0},
+    "diagonal": {"source": "sstem/gerhard_vnc_stack1.tif", "blur_angle": 30.0,
+                 "blur_length": 24.0, "dose": 20.0},
     "long-blur": {"source": "sstem/gerhard_vnc_stack1.tif", "blur_angle": 90.0,
                   "blur_length": 24.0, "dose": 20.0},
     "low-dose": {"source": "sstem/epfl_fibsem_train_slices.tif", "blur_angle": 90.0,

@@ -54,6 +54,7 @@ from napari_microrestore.core.registration_torch import (
 )
 from napari_microrestore.engine.live import LivePipeline, restore_burst_device
 from napari_microrestore.engine.restore import _load_net, resolve_device, restore
+from napari_microrestore.core.orient import Rotation, net_rotation, rotated_shape
 from napari_microrestore.models._flops import gflops_per_megapixel
 from napari_microrestore.models.zoo import get_card
 
@@ -141,14 +142,18 @@ def table(title: str, rows: list[tuple[str, str]]) -> None:
 def bench_live(args, device: str, peak: float) -> dict:
     frames, _ = make_stream(args.frames, args.size)
     w = args.window
+    # the simulated stage wanders without a direction (and without blur): the direction is
+    # given, so that every pipeline here turns the frames the same way (90: not at all;
+    # --motion-angle 45 measures the largest canvas, twice the frame's area)
     kw = {"device": device, "window": w, "amp": args.amp, "cuda_graphs": not args.no_graphs,
-          "compile": args.compile}
+          "compile": args.compile, "motion_angle": args.motion_angle}
     card = get_card(args.model)
     net = _load_net(card, device)
     flop_size = 256
     gflop = gflops_per_megapixel(net, torch.randn(1, w, 1, flop_size, flop_size,
                                                           device=device))
-    gflop_burst = gflop * args.size ** 2 / 1e6
+    canvas = rotated_shape((args.size, args.size), net_rotation(args.motion_angle))
+    gflop_burst = gflop * canvas[0] * canvas[1] / 1e6
     floor_s = gflop_burst / (peak * 1e3)
 
     def run_stream(keep: bool) -> tuple[float, list]:
@@ -182,15 +187,18 @@ def bench_live(args, device: str, peak: float) -> dict:
             stream.register()
     reg_s = median_time(reg_step, device, max(3, min(args.repeat, len(frames) - w - 1)))
 
-    # inference alone on a fixed registered window
+    # inference alone on a fixed registered window (the pipeline's turn made as at its start)
     live = LivePipeline(args.model, **kw)
+    turn = Rotation((args.size, args.size), net_rotation(args.motion_angle), device)
+    live._rotation = None if turn.identity else turn
     aligned = stream.register()
     inf_s = median_time(lambda: live.restore_aligned(aligned.aligned, aligned.coverage),
                         device, args.repeat)
 
     # checks: one window against engine.restore; on CUDA the graph against eager
     c = outs[-1].index
-    want = restore(frames[c - w // 2:c - w // 2 + w], args.model, device=device).image
+    want = restore(frames[c - w // 2:c - w // 2 + w], args.model, device=device,
+                   motion_angle=args.motion_angle).image
     rel_rms = float(np.sqrt(((outs[-1].image - want) ** 2).mean()) / want.std())
     graph_diff = None
     if device.startswith("cuda") and not args.no_graphs:
@@ -230,7 +238,7 @@ def bench_big(args, device: str) -> dict:
 
     def run():
         restore_burst_device(frames, "tem-burst", device=device, tile=args.tile,
-                             batch=args.batch, amp=args.amp)
+                             batch=args.batch, amp=args.amp, motion_angle=args.motion_angle)
     seconds = median_time(run, device, max(1, args.repeat // 3))
     peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda")
             else float("nan"))
@@ -273,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int, default=1024, help="live frame edge (default 1024)")
     ap.add_argument("--frames", type=int, default=64, help="live stream length (default 64)")
     ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--motion-angle", type=float, default=90.0,
+                    help="stage direction given to the live path (default 90: no rotation)")
     ap.add_argument("--big", type=int, default=4096, help="quality-model burst edge")
     ap.add_argument("--frames-big", type=int, default=5)
     ap.add_argument("--tile", type=int, default=2048)

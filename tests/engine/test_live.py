@@ -115,13 +115,16 @@ def test_bad_input(stream):
         live.push(bad)
 
 
-def test_device_tiled_burst_equals_engine_restore(stream):
+@pytest.mark.parametrize("angle", [None, 30.0])
+def test_device_tiled_burst_equals_engine_restore(stream, angle):
+    """Also with a slanted stage (turned by -60 degrees on a larger canvas, tiled there)."""
     rng = np.random.default_rng(3)
     scene = probes.make_probe("spots-lines", (260, 260), rng=rng) * 100 + 10
     burst = degrade.simulate_burst(scene, 5, shape=(152, 152), blur_length=4, dose=40,
                                    step=2.0, rng=rng).frames
-    got = restore_burst_device(burst, "tem-burst-fast", device="cpu", tile=144, batch=3)
-    want = restore(burst, "tem-burst-fast", device="cpu", tile=144).image
+    got = restore_burst_device(burst, "tem-burst-fast", device="cpu", tile=144, batch=3,
+                               motion_angle=angle)
+    want = restore(burst, "tem-burst-fast", device="cpu", tile=144, motion_angle=angle).image
     assert got.shape == want.shape
     diff = got.numpy() - want
     assert np.sqrt((diff ** 2).mean()) < 0.01 * want.std()

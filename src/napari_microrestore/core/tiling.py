@@ -58,8 +58,11 @@ def plan_tiles(shape: Sequence[int], tile: int | Sequence[int], *, halo: int = 1
                blend: int = 16, multiple: int = 1) -> list[Tile]:
     """Tiles covering a 2-D ``shape`` (already padded to ``multiple``), row-major order.
 
-    ``tile`` is the tile size (an int or ``(ty, tx)``), clipped to the image; it must exceed
-    ``2 * halo + blend`` (rounded up to ``multiple``) so that tiles advance.
+    ``tile`` is the largest tile size (an int or ``(ty, tx)``), clipped to the image; it must
+    exceed ``2 * halo + blend`` (rounded up to ``multiple``) so that tiles advance. Along each
+    axis the tiles are as many as that size needs, and shrunk to share the image evenly (a
+    1456 px side in 1024 px tiles with 136 px of overlap: two 800 px tiles, not two of 1024
+    that overlap by 592).
     """
     if len(shape) != 2:
         raise InputError(f"plan_tiles needs a 2-D shape (Y, X); got {tuple(shape)}")
@@ -79,6 +82,9 @@ def plan_tiles(shape: Sequence[int], tile: int | Sequence[int], *, halo: int = 1
                 f"tile size {t} must be larger than 2 * halo + blend = {overlap} px "
                 f"(halo {halo}, blend {blend})"
             )
+        if t < n:  # as many tiles as size t needs, shrunk to share the axis evenly
+            k = -(-(int(n) - overlap) // (t - overlap))
+            t = min(t, _round_up(-(-(int(n) - overlap) // k) + overlap, multiple))
         stride = t - overlap if t < n else t
         starts.append(_starts(int(n), t, stride))
         sizes.append(t)

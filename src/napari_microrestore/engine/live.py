@@ -406,13 +406,15 @@ class LivePipeline:
 
 def restore_burst_device(frames: Any, model: str | ModelCard = "tem-burst", *,
                          device: str = "auto", reference: Optional[int] = None,
-                         tile: int = 2048, batch: int = 4, amp: Optional[str] = "fp16") -> Any:
+                         tile: int = 2048, batch: int = 4, amp: Optional[str] = "fp16",
+                         motion_angle: Optional[float] = None) -> Any:
     """Restore one ``(T, Y, X)`` burst entirely on the device: torch registration, device-side
     normalisation, and tiled inference with tiles batched on the device and blended as
     :mod:`~napari_microrestore.core.tiling` does. Returns the ``(Y, X)`` float32 tensor.
 
     Equals :func:`engine.restore.restore` of the burst up to the registration backend and
-    float rounding (tested on CPU); meant for large bursts on a GPU.
+    float rounding (tested on CPU); meant for large bursts on a GPU. ``motion_angle``: as in
+    :func:`engine.restore.restore`.
     """
     import torch
 
@@ -425,7 +427,7 @@ def restore_burst_device(frames: Any, model: str | ModelCard = "tem-burst", *,
     x, mean, std = normalise_device(reg.aligned, reg.coverage)
     orientation = burst_orientation(card, tuple(reg.aligned.shape),
                                     _translation_transforms(reg.translations.cpu().numpy()),
-                                    frames=frames)
+                                    motion_angle, frames=frames)
     turn = Rotation(x.shape, orientation["rotation_deg"], dev)  # as engine.restore does
     x = turn.forward(x)
     h, w = x.shape[-2:]
