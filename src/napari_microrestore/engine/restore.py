@@ -506,10 +506,12 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
                                     motion_angle, frames=recorded)
     prov["motion_direction"] = orientation
     turn = Rotation(x.shape, orientation["rotation_deg"])
-    x = turn.forward(x)
+    if not turn.identity:  # (an identity would only copy)
+        x = turn.forward(x)
     y, tiling = run_net(net, x, burst=not channels_in, device=dev, tile=tile,
                         progress=sub(0.3, 1.0), cancel=cancel)
-    y = turn.inverse(y)
+    if not turn.identity:
+        y = turn.inverse(y)
     prov["tiling"] = tiling
     prov["normalisation"] = {"mean": mean, "std": std}
     out = y[0]  # float32, a fresh array: back to input units in place
