@@ -189,8 +189,7 @@ def bench_live(args, device: str, peak: float) -> dict:
 
     # inference alone on a fixed registered window (the pipeline's turn made as at its start)
     live = LivePipeline(args.model, **kw)
-    turn = Rotation((args.size, args.size), net_rotation(args.motion_angle), device)
-    live._rotation = None if turn.identity else turn
+    live._rotation = Rotation((args.size, args.size), net_rotation(args.motion_angle), device)
     aligned = stream.register()
     inf_s = median_time(lambda: live.restore_aligned(aligned.aligned, aligned.coverage),
                         device, args.repeat)

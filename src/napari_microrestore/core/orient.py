@@ -43,7 +43,7 @@ def net_rotation(angle: Optional[float], tolerance: float = TOLERANCE_DEG) -> fl
     ``tolerance`` degrees of a quarter turn, the quarter turn."""
     if angle is None:
         return 0.0
-    phi = (float(angle) - 90.0 + 90.0) % 180.0 - 90.0
+    phi = float(angle) % 180.0 - 90.0
     k, r = _split(phi)
     if abs(r) < max(tolerance, _EXACT):
         phi = (90.0 * k + 90.0) % 180.0 - 90.0
@@ -66,7 +66,8 @@ def rotated_shape(shape: tuple, phi: float) -> tuple[int, int]:
     if r == 0.0:
         return h, w
     c, s = abs(math.cos(math.radians(r))), abs(math.sin(math.radians(r)))
-    # a hair of slack for rounding; the canvas keeps the frame's parity so that centres align
+    # a hair of slack for rounding; the canvas keeps the frame's parity, so that the centres
+    # differ by whole pixels and a small rotation samples near pixel centres
     hh = math.ceil(h * c + w * s - 1e-6)
     ww = math.ceil(h * s + w * c - 1e-6)
     return hh + (hh - h) % 2, ww + (ww - w) % 2
@@ -154,8 +155,9 @@ class Rotation:
 
     # ------------------------------------------------------------------ API
     def forward(self, x: Any, *, mode: str = "bicubic", fill: str = "reflection") -> Any:
-        """``x`` (..., Y, X) of ``shape`` turned onto the canvas (..., H, W). ``fill``:
-        ``"reflection"`` (mirrored content around the frame) or ``"zeros"``."""
+        """``x`` (..., Y, X) of ``shape`` turned onto the canvas (..., H, W), a new array
+        (``x`` itself for the identity). ``fill``: ``"reflection"`` (mirrored content around
+        the frame) or ``"zeros"``."""
         return self._apply(x, "forward", mode, fill)
 
     def inverse(self, y: Any, *, mode: str = "bicubic", fill: str = "reflection") -> Any:
@@ -178,8 +180,8 @@ class Rotation:
         if tuple(x.shape[-2:]) != tuple(expect):
             raise InputError(f"expected frames of {expect[0]}x{expect[1]} px to rotate; got "
                              f"{tuple(x.shape)}")
-        if self.identity:
-            return x.copy() if is_numpy else x.clone()
+        if self.identity:  # nothing to do: ``x`` itself, not a copy
+            return x
         import torch
 
         t = torch.from_numpy(np.ascontiguousarray(x)) if is_numpy else x

@@ -139,17 +139,13 @@ class _Data:
     registration: dict
     # the net's view: rotated until the stage motion runs along the columns (see
     # engine.restore.burst_orientation; None: as recorded); x, coverage (False outside the
-    # frame), target, holdout and region are then on the rotated canvas, and shown() / the
-    # previews turn them back
+    # frame), target, holdout and region are then on the rotated canvas, and the previews
+    # are turned back
     rotation: Optional[Rotation] = None
     orientation: Optional[dict] = None
-    holdout_shown: Optional[tuple] = None  # the holdout in the user's frame, as given
-
-
-    def shown(self, box: tuple) -> tuple:
-        """A ``(y, x, h, w)`` box of the net's view in the user's frame: exact for quarter
-        turns; otherwise the box of the same size around where its centre comes from."""
-        return _turn_box(box, self.rotation, inverse=True)
+    # the holdout in the user's frame: as given, or the default one turned back (exact for
+    # quarter turns; otherwise the box of the same size around where its centre comes from)
+    holdout_shown: Optional[tuple] = None
 
 
 def _turn_box(box: tuple, turn: Optional[Rotation], inverse: bool = False) -> tuple:
@@ -328,13 +324,12 @@ def _prepare(frames: np.ndarray, card: ModelCard, mode: str, reference: Optional
             raise InputError(f"holdout {tuple(int(v) for v in (hy, hx, hh, hw))} (y, x, "
                              "height, width) lies outside the region every registered frame "
                              "covers; move it inwards")
-    d = _Data(x=x.astype(np.float32), coverage=cov, mean=mean, std=std, target=target,
-              psf=psf, blur=blur, holdout=holdout, region=box, frames_used=used,
-              reference=ref_local, registration=reg.to_dict(), rotation=turn,
-              orientation=orientation, holdout_shown=shown_box)
-    if d.holdout_shown is None:
-        d.holdout_shown = d.shown(holdout)
-    return d
+    if shown_box is None:
+        shown_box = _turn_box(holdout, turn, inverse=True)
+    return _Data(x=x.astype(np.float32), coverage=cov, mean=mean, std=std, target=target,
+                 psf=psf, blur=blur, holdout=holdout, region=box, frames_used=used,
+                 reference=ref_local, registration=reg.to_dict(), rotation=turn,
+                 orientation=orientation, holdout_shown=shown_box)
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,6 +453,10 @@ class _Holdout:
                 self.loo.append((crop[others][None], crop[k][None, None]))
         m = torch.from_numpy(self.mask.astype(np.float32))[None, None].to(device)
         self.loss_mask = _border_mask(m, psf_t)
+        # the preview turned back in place, onto the holdout as the user sees it
+        turn = d.rotation
+        self.turn_back = None if turn is None else Rotation(
+            (hw, hh) if turn.k % 2 else (hh, hw), turn.phi, canvas=(hh, hw))
 
     def __call__(self, net) -> tuple[dict, np.ndarray]:
         """(scores, preview in the input's units). Scores: ``psnr`` / ``ssim`` with a reference,
@@ -481,11 +480,8 @@ class _Holdout:
             r = metrics.compare(pred_np, self.truth, mask=self.mask, border=self.border, fit=True)
             scores.update(psnr=float(r["psnr"]), ssim=float(r["ssim"]))
             scores["score"] = scores["psnr"]
-        turn = self.d.rotation
-        if turn is not None:  # back to the user's orientation (corners outside: the mean)
-            hh, hw = pred_np.shape
-            shape = (hw, hh) if turn.k % 2 else (hh, hw)
-            pred_np = Rotation(shape, turn.phi, canvas=(hh, hw)).inverse(pred_np, fill="zeros")
+        if self.turn_back is not None:  # the user's orientation (corners outside: the mean)
+            pred_np = self.turn_back.inverse(pred_np, fill="zeros")
         preview = (pred_np * self.d.std + self.d.mean).astype(np.float32)
         return scores, np.ascontiguousarray(preview)
 

@@ -218,7 +218,7 @@ class LivePipeline:
         self.count = 0
         self.motion_angle = motion_angle
         self.orientation: Optional[dict] = None  # stream_orientation's, at the first window
-        self._rotation: Optional[Rotation] = None  # the net's view (None: as recorded)
+        self._rotation: Optional[Rotation] = None  # the net's view, from the first window
         self._pending: list[np.ndarray] = []     # the first window's frames until then
         self._shape: Optional[tuple] = None
         self._graph = None
@@ -246,16 +246,14 @@ class LivePipeline:
 
     def restore_aligned(self, aligned: Any, coverage: Any) -> Any:
         """Restore ``(T, Y, X)`` registered frames (device tensors) into a ``(Y, X)`` float32
-        tensor in input units, as engine.restore does for one tile."""
+        tensor in input units, as engine.restore does for one tile (turned as the stream's
+        first window decided; as recorded before that)."""
         x, mean, std = normalise_device(aligned, coverage)
-        turn = self._rotation
-        if turn is not None:
-            x = turn.forward(x)
+        turn = self._rotation or Rotation(x.shape, 0.0)
+        x = turn.forward(x)
         h, w = x.shape[-2:]
         x = _pad_to(x, self.multiple)[None, :, None]
-        y = self._net(x)[0, 0, :h, :w].float()
-        if turn is not None:
-            y = turn.inverse(y)
+        y = turn.inverse(self._net(x)[0, 0, :h, :w].float())
         return (y * std.float() + mean.float()).float()
 
     def _step(self) -> dict:
@@ -367,8 +365,8 @@ class LivePipeline:
         first = np.stack(self._pending)
         self._pending = []
         self.orientation = stream_orientation(self.card, first, self.motion_angle)
-        turn = Rotation(first.shape[1:], self.orientation["rotation_deg"], self.device)
-        self._rotation = None if turn.identity else turn
+        self._rotation = Rotation(first.shape[1:], self.orientation["rotation_deg"],
+                                  self.device)
         sigma = prefilter_sigma(first[0]) if self.sigma is None else self.sigma
         self.sigma = sigma
         self.stream = StreamRegistrar(self.window, first.shape[1:], sigma=sigma,

@@ -506,12 +506,9 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
                                     motion_angle, frames=recorded)
     prov["motion_direction"] = orientation
     turn = Rotation(x.shape, orientation["rotation_deg"])
-    if not turn.identity:  # (an identity would only copy)
-        x = turn.forward(x)
-    y, tiling = run_net(net, x, burst=not channels_in, device=dev, tile=tile,
+    y, tiling = run_net(net, turn.forward(x), burst=not channels_in, device=dev, tile=tile,
                         progress=sub(0.3, 1.0), cancel=cancel)
-    if not turn.identity:
-        y = turn.inverse(y)
+    y = turn.inverse(y)
     prov["tiling"] = tiling
     prov["normalisation"] = {"mean": mean, "std": std}
     out = y[0]  # float32, a fresh array: back to input units in place
