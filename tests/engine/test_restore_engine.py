@@ -219,6 +219,43 @@ def test_burst_orientation_rules(sideways_burst):
     assert burst_orientation(net, frames.shape, None, 90.0, frames=frames)["source"] == "given"
 
 
+def test_a_stream_holds_its_direction_until_the_stage_turns(sideways_burst):
+    """``prior``: a reading within HOLD_DEG of the previous window's direction keeps it, a
+    turn is followed, and a burst that tells no direction takes it without reading blur."""
+    from napari_microrestore.engine.restore import HOLD_DEG, burst_orientation
+    from napari_microrestore.models.zoo import get_card
+
+    net = get_card("tem-burst-fast")
+    frames = sideways_burst.frames
+
+    def moving(angle):  # offsets of 5 frames 4 px apart along ``angle``
+        t = np.tile(np.eye(2, 3), (5, 1, 1))
+        rad = np.radians(angle)
+        for i in range(5):
+            t[i, 0, 2], t[i, 1, 2] = 4 * (i - 2) * np.cos(rad), 4 * (i - 2) * np.sin(rad)
+        return t
+
+    read = burst_orientation(net, frames.shape, moving(31.0))
+    assert read["source"] == "registration" and read["angle_deg"] == pytest.approx(31.0)
+    held = burst_orientation(net, frames.shape, moving(31.0), prior=28.0)
+    assert held == {"angle_deg": 28.0, "source": "previous window",
+                    "rotation_deg": -62.0, "read_deg": pytest.approx(31.0)}
+    # modulo 180: 178 and 2 degrees are 4 apart
+    assert burst_orientation(net, frames.shape, moving(2.0), prior=178.0)["angle_deg"] == 178.0
+    turned = burst_orientation(net, frames.shape, moving(31.0 + HOLD_DEG + 1), prior=31.0)
+    assert turned["source"] == "registration"
+    assert turned["angle_deg"] == pytest.approx(31.0 + HOLD_DEG + 1)
+    # a window whose stage did not move keeps the direction, though its frames are blurred
+    # sideways
+    still = np.tile(np.eye(2, 3), (5, 1, 1))
+    assert burst_orientation(net, frames.shape, still, frames=frames, prior=95.0) == {
+        "angle_deg": 95.0, "source": "previous window", "rotation_deg": 5.0, "read_deg": None}
+    # a given direction wins over the prior
+    assert burst_orientation(net, frames.shape, moving(31.0), 90.0, prior=28.0)["source"] == "given"
+    with pytest.raises(InputError, match="motion_prior"):
+        burst_orientation(net, frames.shape, moving(31.0), prior=float("nan"))
+
+
 def test_a_pre_registered_sideways_burst_is_turned_by_its_blur():
     pytest.importorskip("torch")
     rng = np.random.default_rng(0)

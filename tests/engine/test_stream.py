@@ -36,9 +36,11 @@ class CountingStack:
         return self._data[t]
 
 
-def _per_window(stream: np.ndarray, model: str, centre: int, window: int) -> np.ndarray:
+def _per_window(stream: np.ndarray, model: str, centre: int, window: int,
+                **kw) -> np.ndarray:
     used = window_frames(centre, window, len(stream))
-    return restore(stream[used], model, device="cpu", reference=used.index(centre)).image
+    return restore(stream[used], model, device="cpu", reference=used.index(centre),
+                   **kw).image
 
 
 def test_window_frames_shift_at_the_ends():
@@ -75,13 +77,44 @@ def test_classical_equals_per_window_restore_and_reads_frames_once(stream):
 
 
 def test_burst_net_equals_per_window_restore(stream):
+    """Each window equals a restore() call given the direction the previous window used."""
     res = restore_stream(stream, "tem-burst-fast", indices=[0, 4, 7], device="cpu")
     assert res.provenance["window"] == 5  # the card's default burst length
+    prior = None
     for k, centre in enumerate(res.indices):
-        expected = _per_window(stream, "tem-burst-fast", centre, 5)
+        expected = _per_window(stream, "tem-burst-fast", centre, 5, motion_prior=prior)
         scale = float(np.abs(expected).max())
         assert np.abs(res.images[k] - expected).max() < 1e-3 * scale
+        prior = res.provenance["per_frame"][k]["motion_direction"]["angle_deg"]
     assert res.provenance["weights_sha256"] and res.provenance["device"] == "cpu"
+
+
+def test_a_slanted_stage_run_turns_every_window_alike():
+    """A stage moving at 30 degrees: every window is turned by the first one's angle, though
+    each reads its own (a degree or so apart); ``motion_angle`` fixes it for all."""
+    rng = np.random.default_rng(4)
+    scene = probes.make_probe("spots-lines", (260, 260), rng=rng) * 100 + 10
+    frames = degrade.simulate_burst(scene, 8, shape=(64, 64), blur_length=4, blur_angle=30.0,
+                                    curvature=0.0, speed_variation=0.0, dose=40, step=3.0,
+                                    rng=rng).frames.astype(np.float32)
+    res = restore_stream(frames, "tem-burst-fast", device="cpu")
+    dirs = [f["motion_direction"] for f in res.provenance["per_frame"]]
+    first = dirs[0]
+    assert first["source"] == "registration" and abs(first["angle_deg"] - 30.0) < 5
+    for d in dirs[1:]:
+        assert d["source"] == "previous window", d
+        assert d["rotation_deg"] == first["rotation_deg"]
+    reads = [d["read_deg"] for d in dirs[1:]]
+    assert len(set(reads)) > 1  # the windows' own readings differ: held, not read alike
+    # each window equals restore() turned by the held angle
+    k = 5
+    expected = _per_window(frames, "tem-burst-fast", k, 5, motion_angle=first["angle_deg"])
+    assert np.abs(res.images[k] - expected).max() < 1e-3 * float(np.abs(expected).max())
+    fixed = restore_stream(frames, "tem-burst-fast", indices=[0, 5], device="cpu",
+                           motion_angle=90.0)
+    assert [f["motion_direction"]["source"] for f in fixed.provenance["per_frame"]] == [
+        "given", "given"]
+    assert fixed.provenance["parameters"]["motion_angle"] == 90.0
 
 
 def test_off_the_main_thread_each_window_runs_in_the_compute_process(stream):

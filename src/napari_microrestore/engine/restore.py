@@ -320,7 +320,7 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
             reference: Optional[int] = None, register: bool = True,
             motion: str = "translation", sections: Optional[list[int]] = None,
             tile: Optional[int] = None, masks: Optional[np.ndarray] = None,
-            motion_angle: Optional[float] = None,
+            motion_angle: Optional[float] = None, motion_prior: Optional[float] = None,
             progress: Optional[ProgressCallback] = None,
             cancel: Optional[CancelToken] = None) -> RestoreResult:
     """Restore ``data`` with ``model`` (a zoo id, a card path or a :class:`ModelCard`).
@@ -333,7 +333,9 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
     towards +y (90 = along the columns); by default it is read from the registration (see
     :func:`burst_orientation`). The zoo's nets learned motion along the columns, so the
     registered burst is rotated for the net until its motion runs along them, and the answer
-    rotated back (:mod:`~napari_microrestore.core.orient`).
+    rotated back (:mod:`~napari_microrestore.core.orient`). ``motion_prior``: the direction
+    a stream's previous window was turned by, kept while this burst reads within
+    ``HOLD_DEG`` of it (see :func:`burst_orientation`'s ``prior``).
     """
     card = model if isinstance(model, ModelCard) else get_card(model)
     t0 = time.perf_counter()
@@ -343,11 +345,12 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
         "weights_sha256": (card.weights or {}).get("sha256"), "device": dev,
         "version": __version__, "parameters": {"reference": reference, "register": register,
                                                "motion": motion, "sections": sections,
-                                               "tile": tile, "motion_angle": motion_angle},
+                                               "tile": tile, "motion_angle": motion_angle,
+                                               "motion_prior": motion_prior},
     }
     if card.is_burst:
         res = _restore_burst(data, card, dev, reference, register, motion, tile, progress,
-                             cancel, prov, motion_angle)
+                             cancel, prov, motion_angle, motion_prior)
     elif card.task == "sstem":
         res = _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov, masks)
     else:
@@ -357,6 +360,10 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
     return res
 
 
+# a stream keeps its previous window's direction while a window's own reading stays this
+# close to it (degrees): readings from the registration wander by ~1 degree, a stage that
+# turns moves by far more, and the nets take directions within ~10 degrees of the columns
+HOLD_DEG = 5.0
 # the motion blur read from the frames decides the orientation only when it is at least this
 # long (px): shorter blur hardly tells a direction, and matters little to the net
 MIN_BLUR_FOR_DIRECTION = 3.0
@@ -365,7 +372,8 @@ _BLUR_CROP, _BLUR_FRAMES, _BLUR_PIXELS = 512, 3, 3 * 512 * 512
 
 
 def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.ndarray] = None,
-                      motion_angle: Optional[float] = None, frames=None) -> dict:
+                      motion_angle: Optional[float] = None, frames=None,
+                      prior: Optional[float] = None) -> dict:
     """How a learned burst net sees a burst of frames of ``shape`` (``(..., Y, X)``): the
     stage-motion direction and the rotation that turns it along the columns for the net.
 
@@ -389,14 +397,22 @@ def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.nda
 
     Otherwise the direction is unknown and the burst is left as it is.
 
+    ``prior`` (a stream's previous window; not with ``motion_angle``): the direction used
+    before. It is kept when this burst's own reading (2.) lies within ``HOLD_DEG`` of it,
+    so that the windows of a straight stage run are all turned alike (a reading wanders by a
+    degree or so from window to window), and replaced when the stage has turned; a burst whose
+    registration tells no direction takes it (source "previous window") instead of reading
+    the blur (3.).
+
     Returns
     -------
     dict
         ``angle_deg`` (float or None, rounded to 0.01 degree), ``source`` ("given",
-        "registration", "blur", "unknown", or "not needed" for nets that take any direction
-        and classical methods) and ``rotation_deg`` (what the frames are rotated by for the
-        net, from the rounded angle: passing ``angle_deg`` back as ``motion_angle`` gives the
-        same rotation).
+        "registration", "blur", "previous window", "unknown", or "not needed" for nets that
+        take any direction and classical methods) and ``rotation_deg`` (what the frames are
+        rotated by for the net, from the rounded angle: passing ``angle_deg`` back as
+        ``motion_angle`` gives the same rotation). With a ``prior``, ``read_deg``: this
+        burst's own reading from its registration (None if it tells none).
     """
     from ..core.registration import motion_direction
 
@@ -415,6 +431,18 @@ def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.nda
     elif transforms is not None:
         angle = motion_direction(transforms, tuple(shape)[-2:])
         source = "registration"
+    held: dict = {}
+    if prior is not None and motion_angle is None:
+        try:
+            prior = float(prior)
+        except (TypeError, ValueError):
+            raise InputError(f"motion_prior must be a number of degrees; got {prior!r}") from None
+        if not math.isfinite(prior):
+            raise InputError(f"motion_prior must be finite; got {prior!r}")
+        prior = round(prior, 2) % 180.0
+        held["read_deg"] = None if angle is None else round(angle, 2) % 180.0
+        if angle is None or _angle_apart(angle, prior) <= HOLD_DEG:
+            angle, source = prior, "previous window"
     if angle is None and frames is not None:
         angle = blur_direction(frames)
         source = "blur"
@@ -422,7 +450,13 @@ def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.nda
         source = "unknown"
     angle = None if angle is None else round(angle, 2) % 180.0
     return {"angle_deg": angle, "source": source,
-            "rotation_deg": round(net_rotation(angle), 2)}
+            "rotation_deg": round(net_rotation(angle), 2), **held}
+
+
+def _angle_apart(a: float, b: float) -> float:
+    """Degrees between two directions (of axes: modulo 180)."""
+    d = (float(a) - float(b)) % 180.0
+    return min(d, 180.0 - d)
 
 
 def blur_direction(frames) -> Optional[float]:
@@ -451,7 +485,7 @@ def blur_direction(frames) -> Optional[float]:
 
 
 def _restore_burst(data, card, dev, reference, register, motion, tile, progress, cancel, prov,
-                   motion_angle=None):
+                   motion_angle=None, motion_prior=None):
     from ..core.registration import register_burst
 
     frames = _as_float_stack(data, (3,), "a burst")
@@ -503,7 +537,7 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
     # (the one a registration leaves as it is)
     recorded = frames if reg is not None else frames[ref_local:ref_local + 1]
     orientation = burst_orientation(card, aligned.shape, None if reg is None else reg.transforms,
-                                    motion_angle, frames=recorded)
+                                    motion_angle, frames=recorded, prior=motion_prior)
     prov["motion_direction"] = orientation
     turn = Rotation(x.shape, orientation["rotation_deg"])
     y, tiling = run_net(net, turn.forward(x), burst=not channels_in, device=dev, tile=tile,

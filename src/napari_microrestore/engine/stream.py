@@ -22,6 +22,15 @@ i.e. a few per cent of a frame's time on 2 CPU cores) at the price of drift from
 errors, so every frame keeps exactly the registration (and ECC scores) of a per-window
 ``restore``.
 
+Stage direction: the burst nets see every window turned until the stage motion runs along
+the columns (:func:`~napari_microrestore.engine.restore.burst_orientation`). Each window
+reads the direction from its own registration, but keeps the previous window's while its
+reading stays within ``HOLD_DEG`` (5 degrees) of it: a straight stage run is then turned by
+one angle for every frame (readings wander by a degree or so, and a slightly different
+interpolation from frame to frame would flicker), while a stage that turns (the next row of a
+scan) is followed; a window whose stage barely moved keeps it too. ``motion_angle`` fixes the
+direction for the whole stream.
+
 Typed updates: after each frame a :class:`StreamFrame` is sent through ``on_update`` (the
 napari scheduler delivers them on the GUI thread in order), so a widget can fill a movie
 layer progressively. ``cancel`` is checked between frames and, through ``restore``, between
@@ -119,7 +128,8 @@ def _check_indices(indices: Optional[Sequence[int]], n: int) -> list[int]:
 def restore_stream(data: Any, model: str | ModelCard, *,
                    indices: Optional[Sequence[int]] = None, window: Optional[int] = None,
                    device: str = "auto", register: bool = True, motion: str = "translation",
-                   tile: Optional[int] = None, progress: Optional[ProgressCallback] = None,
+                   tile: Optional[int] = None, motion_angle: Optional[float] = None,
+                   progress: Optional[ProgressCallback] = None,
                    on_update: Optional[Callable[[StreamFrame], None]] = None,
                    cancel: Optional[CancelToken] = None) -> StreamResult:
     """Restore the frames ``indices`` of a ``(T, Y, X)`` stream, each from its burst window.
@@ -140,6 +150,9 @@ def restore_stream(data: Any, model: str | ModelCard, *,
         5 for the shipped burst nets), and within the card's min..max frames and the stream.
     device, register, motion, tile
         As for :func:`~napari_microrestore.engine.restore.restore`.
+    motion_angle
+        The stage's direction (degrees from +x towards +y) for every window; by default each
+        window reads it, holding the previous window's (see the module doc).
     progress, on_update, cancel
         ``progress(fraction, message)`` over the whole stream; ``on_update(StreamFrame)``
         after each frame; ``cancel`` checked between frames and inside each restore.
@@ -179,6 +192,7 @@ def restore_stream(data: Any, model: str | ModelCard, *,
     images = np.empty((len(idx), h, w), np.float32)
     per_frame: list[dict] = []
     prov: dict = {}
+    prior: Optional[float] = None   # the direction the previous window was turned by
     keep_heap = dev == "cpu" and not card.is_classical
     with cpu_heap() if keep_heap else contextlib.nullcontext():
         for k, centre in enumerate(idx):
@@ -194,12 +208,17 @@ def restore_stream(data: Any, model: str | ModelCard, *,
             # off the main thread (napari's worker), on the CPU: in the compute process
             res = offload(restore, data=stack, model=card, device=dev,
                           reference=used.index(centre), register=register, motion=motion,
-                          tile=tile, progress=sub if progress else None, cancel=cancel)
+                          tile=tile, motion_angle=motion_angle,
+                          motion_prior=None if motion_angle is not None else prior,
+                          progress=sub if progress else None, cancel=cancel)
             images[k] = res.image
             seconds = time.perf_counter() - t_frame
             prov = res.provenance
+            direction = prov.get("motion_direction") or {}
+            if direction.get("angle_deg") is not None:
+                prior = direction["angle_deg"]
             entry: dict = {"index": centre, "frames_used": used, "seconds": round(seconds, 3)}
-            for key in ("normalisation", "method"):
+            for key in ("normalisation", "method", "motion_direction"):
                 if key in prov:
                     entry[key] = prov[key]
             reg = prov.get("registration")
@@ -216,7 +235,8 @@ def restore_stream(data: Any, model: str | ModelCard, *,
     out = {key: prov[key] for key in ("model", "task", "architecture", "weights_sha256",
                                       "device", "version") if key in prov}
     out.update({
-        "parameters": {"window": window, "register": register, "motion": motion, "tile": tile},
+        "parameters": {"window": window, "register": register, "motion": motion, "tile": tile,
+                       "motion_angle": motion_angle},
         "window": window, "indices": idx, "per_frame": per_frame,
         "seconds": round(time.perf_counter() - t0, 3),
     })
