@@ -60,3 +60,31 @@ def test_loss_is_zero_for_perfect_prediction():
     assert float(total) == pytest.approx(0.0, abs=1e-5)
     total2, _ = loss(y + 0.5 * torch.randn_like(y), y, torch.ones_like(y))
     assert float(total2) > 0.1
+
+
+def test_rotated_bursts_reach_the_net_with_the_motion_along_the_columns():
+    """``burst.rotate``: a stage moving in any direction, turned as restore() turns it."""
+    from napari_microrestore.core.errors import InputError
+    from napari_microrestore.engine.data import BurstSpec, make_burst_sample
+
+    rng = np.random.default_rng(3)
+    sections = [(ndimage.gaussian_filter(rng.random((360, 360)), 1.5) * 200 + 20)
+                .astype(np.float32)]
+    spec = BurstSpec(patch=64, frames=(3, 3), blur_length=(12, 12), dose=(1e4, 1e4),
+                     align="oracle", oracle_jitter=0.0, angle_jitter=0.0, rotate=1.0)
+    gen = np.random.default_rng(0)
+    angles = []
+    for _ in range(4):
+        s = make_burst_sample(sections, spec, gen)
+        assert s["x"].shape == (3, 64, 64) and s["y"].shape == s["mask"].shape == (64, 64)
+        assert s["mask"].mean() > 0.5
+        angles.append(s["params"]["blur_angles"][0] % 180)
+        mean, y = s["x"].mean(0), s["y"]
+
+        def err(axis):  # the frames' mean against the target blurred along one axis
+            return np.abs(ndimage.uniform_filter1d(y, 11, axis=axis) - mean)[12:-12, 12:-12].mean()
+        assert err(0) < 0.5 * err(1), (angles[-1], err(0), err(1))
+    # the stage moved in directions well away from the columns, not only upright
+    assert max(min(abs(a - 90), 180 - abs(a - 90)) for a in angles) > 30
+    with pytest.raises(InputError, match="burst.rotate"):
+        make_burst_sample(sections, BurstSpec(patch=64, rotate=1.5), gen)

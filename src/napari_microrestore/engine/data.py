@@ -71,6 +71,12 @@ class BurstSpec:
     angle_jitter: float = 10.0
     align: str = "ecc"                      # "ecc" (as at inference) or "oracle"
     oracle_jitter: float = 0.15             # px, registration error emulated by "oracle"
+    # fraction of bursts whose stage moves in any direction and that are then rotated as
+    # restore() rotates them (core.orient: motion along the columns, bicubic on a canvas), so
+    # that the net learns the interpolated noise it sees at inference; the direction that sets
+    # the rotation is the true one plus a N(0, angle_error) degree estimation error
+    rotate: float = 0.0
+    angle_error: float = 1.0
 
 
 def _oracle_align(frames: np.ndarray, shifts: np.ndarray, jitter: float,
@@ -87,6 +93,24 @@ def _oracle_align(frames: np.ndarray, shifts: np.ndarray, jitter: float,
     return aligned, coverage_mask(transforms, frames.shape[1:])
 
 
+def _turn_for_net(aligned: np.ndarray, gt: np.ndarray, mask: np.ndarray, angle: float,
+                  spec: "BurstSpec", rng: np.random.Generator):
+    """Burst, ground truth and coverage turned as restore() turns a burst whose stage moved
+    along ``angle`` (read with a ``spec.angle_error`` degree error), cut to the central
+    ``spec.patch`` square (inside the frame for any rotation)."""
+    from ..core.orient import Rotation, net_rotation
+
+    est = angle + float(rng.normal(scale=spec.angle_error)) if spec.angle_error > 0 else angle
+    turn = Rotation(aligned.shape, net_rotation(est))
+    x, y = turn.forward(aligned), turn.forward(gt)
+    m = turn.valid(mask)
+    h, w = x.shape[-2:]
+    p = spec.patch
+    y0, x0 = (h - p) // 2, (w - p) // 2
+    cut = (Ellipsis, slice(y0, y0 + p), slice(x0, x0 + p))
+    return x[cut], y[cut], m[cut]
+
+
 def make_burst_sample(sections: Sequence[np.ndarray], spec: BurstSpec,
                       rng: np.random.Generator, n_frames: Optional[int] = None) -> dict:
     """One normalised training sample: ``x`` (T, P, P), ``y`` (P, P), ``mask`` (P, P)."""
@@ -94,7 +118,13 @@ def make_burst_sample(sections: Sequence[np.ndarray], spec: BurstSpec,
 
     img = sections[int(rng.integers(len(sections)))]
     t = int(n_frames or rng.integers(spec.frames[0], spec.frames[1] + 1))
-    p = spec.patch
+    if not 0.0 <= float(spec.rotate) <= 1.0:
+        raise InputError(f"burst.rotate is a fraction of bursts in [0, 1]; got {spec.rotate!r}")
+    rotated = spec.rotate > 0 and rng.random() < spec.rotate
+    # a rotated burst is simulated larger (a P x P crop of it turned by up to 45 degrees
+    # stays inside it; same parity, so the crop is centred on whole pixels)
+    p = spec.patch + 2 * int(np.ceil(spec.patch * (np.sqrt(2.0) - 1.0) / 2.0) + 1) \
+        if rotated else spec.patch
     margin = int(np.ceil(max(spec.blur_length) * (t + 1))) + 8
     h, w = img.shape
     size_y, size_x = min(h, p + 2 * margin), min(w, p + 2 * margin)
@@ -105,19 +135,23 @@ def make_burst_sample(sections: Sequence[np.ndarray], spec: BurstSpec,
         region = region[:, ::-1]
     region = np.ascontiguousarray(np.rot90(region, int(rng.integers(4))) if size_y == size_x
                                   else region)
+    angle = float(rng.uniform(0.0, 180.0)) if rotated else spec.blur_angle
     b = degrade.simulate_burst(region + 1.0, t, shape=(p, p), blur_length=tuple(spec.blur_length),
-                               dose=tuple(spec.dose), blur_angle=spec.blur_angle,
+                               dose=tuple(spec.dose), blur_angle=angle,
                                angle_jitter=spec.angle_jitter, rng=rng)
     if spec.align == "ecc":
         reg = register_burst(b.frames, reference=b.reference)
         aligned, mask = reg.aligned, reg.coverage
     else:
         aligned, mask = _oracle_align(b.frames, np.asarray(b.shifts), spec.oracle_jitter, rng)
+    gt = b.ground_truth
+    if rotated:
+        aligned, gt, mask = _turn_for_net(aligned, gt, mask, angle, spec, rng)
     vals = aligned[:, mask] if mask.any() else aligned
     mean, std = float(vals.mean()), float(vals.std()) or 1.0
     return {
         "x": ((aligned - mean) / std).astype(np.float32),
-        "y": ((b.ground_truth - mean) / std).astype(np.float32),
+        "y": ((gt - mean) / std).astype(np.float32),
         "mask": mask.astype(np.float32),
         "mean": mean, "std": std, "params": b.params,
     }
