@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from scipy.special import ndtr
 
-from .errors import InputError
+from .errors import InputError, finite_number
 
 RngLike = Union[np.random.Generator, int, None]
 RangeLike = Union[float, Sequence[float]]
@@ -71,14 +71,7 @@ def draw(value: RangeLike, rng: np.random.Generator, name: str, *, low: float = 
     return lo if lo == hi else float(rng.uniform(lo, hi))
 
 
-def _finite(value, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number; got {value!r}") from None
-    if not math.isfinite(v):
-        raise InputError(f"{name} must be finite; got {v}")
-    return v
+_finite = finite_number
 
 
 def _checked(value, name: str, *, low: float = -math.inf, high: float = math.inf,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Callable, Optional
 
@@ -50,3 +51,14 @@ def report(progress: Optional[ProgressCallback], fraction: float, message: str =
     """Call ``progress`` if given, clamping the fraction to [0, 1]."""
     if progress is not None:
         progress(min(1.0, max(0.0, float(fraction))), message)
+
+
+def finite_number(value, name: str) -> float:
+    """``value`` as a finite float, else an :class:`InputError` naming ``name``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number; got {value!r}") from None
+    if not math.isfinite(v):
+        raise InputError(f"{name} must be finite; got {v}")
+    return v

@@ -29,7 +29,8 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import __version__
-from ..core.errors import CancelToken, InputError, ProgressCallback, check_cancel, report
+from ..core.errors import (CancelToken, InputError, ProgressCallback, check_cancel, finite_number,
+                           report)
 from ..core.orient import Rotation, net_rotation
 from ..core.tiling import apply_tiled
 from ..models.zoo import ModelCard, get_card
@@ -420,26 +421,13 @@ def burst_orientation(card: ModelCard, shape: tuple, transforms: Optional[np.nda
         return {"angle_deg": None, "source": "not needed", "rotation_deg": 0.0}
     angle, source = None, "unknown"
     if motion_angle is not None:
-        try:
-            angle = float(motion_angle)
-        except (TypeError, ValueError):
-            raise InputError(f"motion_angle must be a number of degrees; got {motion_angle!r}"
-                             ) from None
-        if not math.isfinite(angle):
-            raise InputError(f"motion_angle must be finite; got {motion_angle!r}")
-        angle, source = angle % 180.0, "given"
+        angle, source = finite_number(motion_angle, "motion_angle") % 180.0, "given"
     elif transforms is not None:
         angle = motion_direction(transforms, tuple(shape)[-2:])
         source = "registration"
     held: dict = {}
     if prior is not None and motion_angle is None:
-        try:
-            prior = float(prior)
-        except (TypeError, ValueError):
-            raise InputError(f"motion_prior must be a number of degrees; got {prior!r}") from None
-        if not math.isfinite(prior):
-            raise InputError(f"motion_prior must be finite; got {prior!r}")
-        prior = round(prior, 2) % 180.0
+        prior = round(finite_number(prior, "motion_prior"), 2) % 180.0
         held["read_deg"] = None if angle is None else round(angle, 2) % 180.0
         if angle is None or _angle_apart(angle, prior) <= HOLD_DEG:
             angle, source = prior, "previous window"
