@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import tifffile
-import yaml
 from scipy import ndimage
 
 from napari_microrestore.engine import train as tr
