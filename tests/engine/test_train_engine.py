@@ -86,4 +86,6 @@ def test_rotated_bursts_reach_the_net_with_the_motion_along_the_columns():
     # the stage moved in directions well away from the columns, not only upright
     assert max(min(abs(a - 90), 180 - abs(a - 90)) for a in angles) > 30
     with pytest.raises(InputError, match="burst.rotate"):
-        make_burst_sample(sections, BurstSpec(patch=64, rotate=1.5), gen)
+        BurstSpec(patch=64, rotate=1.5)
+    with pytest.raises(InputError, match="burst.angle_error"):
+        BurstSpec(patch=64, angle_error=-1.0)

@@ -78,6 +78,13 @@ class BurstSpec:
     rotate: float = 0.0
     angle_error: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.rotate) <= 1.0:
+            raise InputError(f"burst.rotate is a fraction of bursts in [0, 1]; got "
+                             f"{self.rotate!r}")
+        if not float(self.angle_error) >= 0.0:
+            raise InputError(f"burst.angle_error must be >= 0 degrees; got {self.angle_error!r}")
+
 
 def _oracle_align(frames: np.ndarray, shifts: np.ndarray, jitter: float,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +107,7 @@ def _turn_for_net(aligned: np.ndarray, gt: np.ndarray, mask: np.ndarray, angle: 
     ``spec.patch`` square (inside the frame for any rotation)."""
     from ..core.orient import Rotation, net_rotation
 
-    est = angle + float(rng.normal(scale=spec.angle_error)) if spec.angle_error > 0 else angle
+    est = angle + float(rng.normal(scale=spec.angle_error)) if spec.angle_error else angle
     turn = Rotation(aligned.shape, net_rotation(est))
     x, y = turn.forward(aligned), turn.forward(gt)
     m = turn.valid(mask)
@@ -118,8 +125,6 @@ def make_burst_sample(sections: Sequence[np.ndarray], spec: BurstSpec,
 
     img = sections[int(rng.integers(len(sections)))]
     t = int(n_frames or rng.integers(spec.frames[0], spec.frames[1] + 1))
-    if not 0.0 <= float(spec.rotate) <= 1.0:
-        raise InputError(f"burst.rotate is a fraction of bursts in [0, 1]; got {spec.rotate!r}")
     rotated = spec.rotate > 0 and rng.random() < spec.rotate
     # a rotated burst is simulated larger (a P x P crop of it turned by up to 45 degrees
     # stays inside it; same parity, so the crop is centred on whole pixels)
