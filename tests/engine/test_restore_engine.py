@@ -5,10 +5,11 @@ import pytest
 import tifffile
 
 from napari_microrestore import cli
-from napari_microrestore.core import degrade, metrics, probes
+from napari_microrestore.core import degrade, metrics, phantoms, probes
 from napari_microrestore.core.errors import CancelToken, Cancelled, InputError
 from napari_microrestore.engine.restore import missing_sections, resolve_device, restore
-from napari_microrestore.models.classical import restore_classical, richardson_lucy, wiener
+from napari_microrestore.models.classical import (MIN_BLUR, restore_classical, richardson_lucy,
+                                                  wiener)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,46 @@ def test_deconvolution_sharpens_a_known_blur(name):
     base = metrics.psnr(noisy, truth, border=12)
     assert metrics.psnr(richardson_lucy(noisy, psf, iterations=30), truth, border=12) > base + 1
     assert metrics.psnr(wiener(noisy, psf), truth, border=12) > base + 1
+
+
+@pytest.fixture(scope="module")
+def tem_burst():
+    rng = np.random.default_rng(3)
+    scene = phantoms.tem_section((320, 320), rng=rng)
+    scene = (scene - scene.min()) / np.ptp(scene) + 0.1
+    return degrade.simulate_burst(scene, 5, shape=(192, 192), blur_length=10, blur_angle=50,
+                                  dose=30, rng=rng)
+
+
+@pytest.mark.parametrize("method", ["richardson-lucy", "wiener"])
+def test_classical_psf_is_measured_on_the_frames_as_recorded(tem_burst, method):
+    # registration warps with sub-pixel interpolation, which smooths the noise: measured on
+    # the registered frames this burst reads as unblurred and nothing was deconvolved
+    res = restore(tem_burst.frames, method, device="cpu")
+    info = res.provenance["method"]
+    assert info["deconvolved"] is True
+    assert abs(info["blur_length"] - 10) < 2
+    assert abs((info["blur_angle"] - 50 + 90) % 180 - 90) < 15  # frames jitter by 10
+    mean = restore(tem_burst.frames, "registered-mean", device="cpu").image
+    cov = res.registration.coverage
+    gain = (metrics.compare(res.image, tem_burst.ground_truth, mask=cov, fit=True)["psnr"]
+            - metrics.compare(mean, tem_burst.ground_truth, mask=cov, fit=True)["psnr"])
+    assert gain > 0.3
+
+
+def test_classical_without_measured_blur_returns_the_mean(burst):
+    # a burst with no motion blur: no PSF to undo, the registered mean comes back as it is
+    rng = np.random.default_rng(0)
+    scene = phantoms.tem_section((200, 200), rng=rng)
+    still = degrade.simulate_burst(scene - scene.min() + 0.1, 4, shape=(128, 128),
+                                   blur_length=0, step=2, dose=50, rng=rng)
+    mean = restore(still.frames, "registered-mean", device="cpu").image
+    for method in ("richardson-lucy", "wiener"):
+        res = restore(still.frames, method, device="cpu")
+        info = res.provenance["method"]
+        assert info["deconvolved"] is False and info["blur_length"] < MIN_BLUR
+        assert "not deconvolved" in info["note"]
+        np.testing.assert_array_equal(res.image, mean)
 
 
 def test_cancel_and_progress(burst):

@@ -505,12 +505,16 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
     else:
         aligned, coverage = frames, np.ones(frames.shape[1:], bool)
     check_cancel(cancel)
+    # the blur is read on frames as recorded (a warp's interpolation smooths the noise and
+    # misleads the estimate): the input when this call registers, else the reference frame
+    # (the one a registration leaves as it is)
+    recorded = frames if reg is not None else frames[ref_local:ref_local + 1]
 
     if card.is_classical:
         from ..models.classical import restore_classical
 
         out, info = restore_classical(card.architecture.split(":", 1)[1], aligned,
-                                      progress=sub(0.3, 1.0), cancel=cancel)
+                                      recorded=recorded, progress=sub(0.3, 1.0), cancel=cancel)
         prov["method"] = info
         return RestoreResult(out, prov, reg)
 
@@ -520,10 +524,6 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
     channels_in = card.task == "single-deblur"
     if channels_in and len(x) != fr["max"]:
         raise InputError(f"model {card.id} takes exactly {fr['max']} frames; got {len(x)}")
-    # the blur is read on frames as recorded (a warp's interpolation smooths the noise and
-    # misleads the estimate): the input when this call registers, else the reference frame
-    # (the one a registration leaves as it is)
-    recorded = frames if reg is not None else frames[ref_local:ref_local + 1]
     orientation = burst_orientation(card, aligned.shape, None if reg is None else reg.transforms,
                                     motion_angle, frames=recorded, prior=motion_prior)
     prov["motion_direction"] = orientation
