@@ -54,7 +54,7 @@ from napari_microrestore.core.registration_torch import (
 )
 from napari_microrestore.engine.live import LivePipeline, restore_burst_device
 from napari_microrestore.engine.restore import _load_net, resolve_device, restore
-from napari_microrestore.core.orient import Rotation, net_rotation, rotated_shape
+from napari_microrestore.core.orient import net_rotation, rotated_shape
 from napari_microrestore.models._flops import gflops_per_megapixel
 from napari_microrestore.models.zoo import get_card
 
@@ -156,7 +156,7 @@ def bench_live(args, device: str, peak: float) -> dict:
     gflop_burst = gflop * canvas[0] * canvas[1] / 1e6
     floor_s = gflop_burst / (peak * 1e3)
 
-    def run_stream(keep: bool) -> tuple[float, list]:
+    def run_stream(keep: bool) -> tuple[float, list, LivePipeline]:
         live = LivePipeline(args.model, keep_on_device=keep, **kw)
         outs = []
         for f in frames[:w]:  # fill the window; the first window includes any capture
@@ -168,10 +168,10 @@ def bench_live(args, device: str, peak: float) -> dict:
             outs.append(live.push(f))
         sync(device)
         n = len(frames) - w
-        return (time.perf_counter() - t) / max(n, 1), outs
+        return (time.perf_counter() - t) / max(n, 1), outs, live
 
-    total_s, outs = run_stream(False)
-    device_s, _ = run_stream(True)
+    total_s, outs, live = run_stream(False)
+    device_s, _, _ = run_stream(True)
 
     # registration alone: one new frame's features + the window's registration
     sigma = prefilter_sigma(frames[w // 2])
@@ -187,9 +187,8 @@ def bench_live(args, device: str, peak: float) -> dict:
             stream.register()
     reg_s = median_time(reg_step, device, max(3, min(args.repeat, len(frames) - w - 1)))
 
-    # inference alone on a fixed registered window (the pipeline's turn made as at its start)
-    live = LivePipeline(args.model, **kw)
-    live._rotation = Rotation((args.size, args.size), net_rotation(args.motion_angle), device)
+    # inference alone on a fixed registered window, by the stream's pipeline (turned as its
+    # first window decided)
     aligned = stream.register()
     inf_s = median_time(lambda: live.restore_aligned(aligned.aligned, aligned.coverage),
                         device, args.repeat)
