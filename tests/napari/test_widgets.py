@@ -227,6 +227,25 @@ def test_restore_a_burst_adds_a_layer_with_provenance(make_napari_viewer, qtbot,
     assert not w.side_button.isEnabled()
 
 
+def test_method_note_says_what_a_classical_method_did(burst):
+    from napari_microrestore._napari._widgets.restore import method_note
+    from napari_microrestore.engine.restore import restore
+
+    assert method_note({"model": "tem-burst-fast"}) == ""   # learned models: no PSF
+    for model in ("richardson-lucy", "wiener"):
+        info = restore(burst.frames, model, device="cpu").provenance["method"]
+        note = method_note({"method": info})
+        if info["deconvolved"]:
+            assert f"{info['blur_length']:.1f} px blur at {info['blur_angle']:.0f} deg" in note
+            assert ("5 iterations" in note) == (model == "richardson-lucy")
+            assert ("balance" in note) == (model == "wiener")
+        else:
+            assert "not deconvolved" in note
+    assert "not deconvolved" in method_note({"method": {
+        "deconvolved": False, "note": "no motion blur of at least 4 px measured: the "
+                                      "registered mean, not deconvolved"}})
+
+
 def test_restore_cancel_mid_run(make_napari_viewer, qtbot, burst, notes, monkeypatch):
     """A slow fake engine that honours the cancel token: Cancel stops it, no layer comes."""
     from napari_microrestore.engine import restore as engine

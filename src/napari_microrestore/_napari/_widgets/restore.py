@@ -197,6 +197,19 @@ def motion_note(prov: dict) -> str:
     return ""
 
 
+def method_note(prov: dict) -> str:
+    """The classical methods' part of the status line: the motion blur measured for the PSF,
+    or that none was found and the registered mean came back (see models.classical)."""
+    info = prov.get("method") or {}
+    if "deconvolved" not in info:
+        return ""
+    if not info["deconvolved"]:
+        return f"; {info.get('note', 'not deconvolved')}"
+    return (f"; PSF: {info['blur_length']:.1f} px blur at {info['blur_angle']:.0f} deg"
+            + (f", {info['iterations']} iterations" if "iterations" in info else "")
+            + (f", balance {info['balance']:.2g}" if "balance" in info else ""))
+
+
 class RestoreWidget(QWidget):
     """Model picker (with each card's task, training data and metrics), device, input layer,
     burst window, ssTEM sections and masks; Run / Whole stream / Preview / Cancel with a
@@ -517,7 +530,7 @@ class RestoreWidget(QWidget):
             metadata={"provenance": prov, "source_layer": source.name},
             **spatial_kwargs(source, res.image.ndim, card.scale))
         self.device_label.setText(f"ran on: {prov['device']} ({prov['seconds']:.2f} s)"
-                                  + motion_note(prov))
+                                  + motion_note(prov) + method_note(prov))
         self._pair = (source, out)
         self.side_button.setEnabled(True)
 
