@@ -162,7 +162,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 def make_loss(weights: dict):
     """Weighted sum of 'l1', 'ssim' and 'grad' terms over a mask; returns (total, terms)."""
-    import torch
 
     from ..core.metrics import ssim_torch
 
