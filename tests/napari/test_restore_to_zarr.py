@@ -163,7 +163,8 @@ def test_cancel_mid_run_then_resume_equals_an_uninterrupted_run(make_napari_view
     out = tmp_path / "resumed.zarr"
     job = w.run_to_zarr(out)
     qtbot.waitUntil(lambda: len(calls) == 2, timeout=WAIT)
-    assert w.panel.status.text() == "block 1/4 written"
+    # the worker's progress reaches the GUI as a queued signal: wait for it, do not race it
+    qtbot.waitUntil(lambda: w.panel.status.text() == "block 1/4 written", timeout=WAIT)
     qtbot.mouseClick(w.panel.cancel_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: job.done, timeout=WAIT)
     assert job.state == "cancelled" and "resumed" not in viewer.layers
