@@ -313,7 +313,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         masks = masks_arr > 0
     res = restore(data, card, device=args.device, reference=args.reference,
                   register=not args.no_register, sections=sections, masks=masks,
-                  motion_angle=args.motion_angle)
+                  motion_angle=args.motion_angle, ensemble=args.ensemble)
     yx = img.yx_pixel_size
     if yx and card.scale != 1:
         yx = (yx[0] / card.scale, yx[1] / card.scale)
@@ -391,6 +391,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 _ANY_MOTION = (0.0, 180.0)
+_ENSEMBLES = ("none", "flips", "dihedral")   # models.zoo.ENSEMBLE_NAMES (not imported here)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -400,8 +401,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .models.zoo import get_card
 
     card = get_card(args.model)
+    if args.write_card and args.ensemble not in (None, card.ensemble):
+        raise InputError(f"--write-card stores the metrics of the card's own set-up (self-"
+                         f"ensemble {card.ensemble!r}); set input.ensemble in {card.path} "
+                         f"instead of --ensemble {args.ensemble}")
     t0 = time.perf_counter()
-    res = evaluate(card, device=args.device, seed=args.seed, **(
+    res = evaluate(card, device=args.device, seed=args.seed, ensemble=args.ensemble, **(
         {"n_bursts": args.bursts, "size": args.size, "frames": args.frames,
          "blur_angle": tuple(args.motion_angle)}
         if card.is_burst else {}))
@@ -531,6 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="burst models: direction the stage moved, degrees from +x towards +y "
                          "(90 = along the columns; default: from the registration, else from "
                          "the motion blur)")
+    rs.add_argument("--ensemble", choices=_ENSEMBLES, default=None,
+                    help="learned models: average over flipped (flips, 4 passes) or also "
+                         "transposed (dihedral, 8 passes; not burst nets) copies of the input "
+                         "(default: the card's input.ensemble, else none)")
     rs.add_argument("--sections", default=None, help="ssTEM: comma-separated sections to restore")
     rs.add_argument("--masks", default=None,
                     help="ssTEM: (Z, Y, X) artefact masks (non-zero = fold / precipitate)")
@@ -606,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar=("LO", "HI"),
                     help="burst models: stage-motion directions drawn uniformly from LO-HI "
                          "degrees (from +x towards +y; default 0 180: any direction)")
+    ev.add_argument("--ensemble", choices=_ENSEMBLES, default=None,
+                    help="self-ensemble to restore with (default: the card's; see restore)")
     ev.add_argument("--seed", type=int, default=2021)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", help="write all numbers to this JSON file")

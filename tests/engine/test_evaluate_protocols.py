@@ -39,6 +39,11 @@ def test_defocus_protocol_identity_net_has_zero_gain(shared_data, tmp_path):
     res = ev.evaluate_defocus(card, device="cpu")
     assert len(res["per_level"]) >= 14  # every real defocus level is scored
     assert abs(res["values"]["min_gain_over_input_db"]) < 1e-3
+    # a self-ensemble of the identity is the identity, and the protocol records it
+    res = ev.evaluate(card, device="cpu", ensemble="dihedral")
+    assert abs(res["values"]["min_gain_over_input_db"]) < 1e-3
+    assert res["protocol"]["ensemble"] == "dihedral"
+    assert "ensemble" not in ev.evaluate(card, device="cpu")["protocol"]
 
 
 def test_sr2x_protocol_runs_against_bicubic(shared_data, tmp_path):

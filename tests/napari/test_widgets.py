@@ -323,6 +323,54 @@ def test_restore_sr2x_output_has_half_the_pixel_size(make_napari_viewer, qtbot, 
     qtbot.waitUntil(lambda: w.device_job.done, timeout=WAIT)
 
 
+def test_restore_self_ensemble_choices_reach_the_engine(make_napari_viewer, qtbot, monkeypatch):
+    """The self-ensemble combo offers what the model takes (flips only for burst nets, none for
+    classical methods), is passed to restore(), remembered, and named in the status line."""
+    from napari_microrestore._napari._widgets.restore import method_note
+    from napari_microrestore.engine import restore as engine
+
+    seen = []
+
+    def fake_restore(data, model, **kwargs):
+        seen.append(kwargs.get("ensemble"))
+        name = kwargs.get("ensemble") or "none"
+        tiling = {"ensemble": {"name": name, "members": 8}} if name != "none" else {}
+        return engine.RestoreResult(np.array(data, np.float32),
+                                    {"model": model.id, "device": "cpu", "seconds": 0.0,
+                                     "tiling": tiling})
+
+    monkeypatch.setattr(engine, "restore", fake_restore)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.ones((24, 24), np.float32), name="img")
+    w = dock(viewer, RestoreWidget(viewer))
+
+    def choices():
+        return [w.ensemble_combo.itemData(i) for i in range(w.ensemble_combo.count())]
+
+    w.set_model("tem-burst-fast")
+    assert choices() == ["none", "flips"] and w.ensemble_combo.isEnabled()
+    w.set_model("registered-mean")
+    assert choices() == ["none"] and not w.ensemble_combo.isEnabled()
+    w.set_model("zstack-defocus")
+    assert choices() == ["none", "flips", "dihedral"]
+    w.set_ensemble("dihedral")
+    assert w.ensemble() == "dihedral" and w.settings.get("ensemble", "") == "dihedral"
+    click(qtbot, w.panel.run_button)
+    qtbot.waitUntil(lambda: "img restored (zstack-defocus)" in viewer.layers, timeout=WAIT)
+    assert seen == ["dihedral"]
+    assert "self-ensemble dihedral (8 passes)" in w.device_label.text()
+    assert method_note({"tiling": {"tile": 1024}}) == ""
+    # a burst net cannot take transposes: back to off, and a classical method gets no option
+    w.set_model("tem-burst-fast")
+    assert w.ensemble() == "none"
+    w.set_ensemble("flips")
+    w.set_model("tem-burst")
+    assert w.ensemble() == "flips"
+    w.set_model("registered-mean")
+    assert "ensemble" not in w._request(w.card(), viewer.layers["img"])
+    qtbot.waitUntil(lambda: w.device_job.done, timeout=WAIT)
+
+
 def test_restore_2d_layer_with_a_burst_model_notifies_and_adds_nothing(make_napari_viewer,
                                                                        qtbot, burst, notes):
     viewer = make_napari_viewer()

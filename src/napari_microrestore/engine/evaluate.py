@@ -32,7 +32,8 @@ def evaluate_burst(model: str | ModelCard, *, sources: Sequence[str] = DEFAULT_S
                    blur_angle: tuple[float, float] = (0.0, 180.0), border: int = 24,
                    seed: int = 2021, device: str = "auto",
                    progress: Optional[ProgressCallback] = None,
-                   cancel: Optional[CancelToken] = None) -> dict:
+                   cancel: Optional[CancelToken] = None,
+                   ensemble: Optional[str] = None) -> dict:
     """Score a burst model on simulated bursts from held-out sections (see module doc).
 
     The stage-motion direction of each burst is drawn uniformly from ``blur_angle`` (degrees
@@ -54,7 +55,7 @@ def evaluate_burst(model: str | ModelCard, *, sources: Sequence[str] = DEFAULT_S
         b = degrade.simulate_burst(img[y0:y0 + sy, x0:x0 + sx] + 1.0, frames,
                                    shape=(size, size), blur_length=blur_length, dose=dose,
                                    blur_angle=blur_angle, rng=rng)
-        res = restore(b.frames, card, device=device)
+        res = restore(b.frames, card, device=device, ensemble=ensemble)
         mean = res.registration.aligned.mean(0)
         m = metrics.compare(res.image, b.ground_truth, fit=True, border=border)
         base = metrics.compare(mean, b.ground_truth, fit=True, border=border)
@@ -89,7 +90,7 @@ def _sources(card: ModelCard) -> list[str]:
 def evaluate_sr2x(card: ModelCard, *, doses: Sequence[float] = (20.0, 50.0, 200.0),
                   val_fraction: float = 0.2, size: int = 128, border: int = 24,
                   seed: int = 2021, device: str = "auto",
-                  cancel: Optional[CancelToken] = None) -> dict:
+                  cancel: Optional[CancelToken] = None, ensemble: Optional[str] = None) -> dict:
     """Held-out sections, 2x2-binned and Poisson-noised at each dose, restored by the model and
     by bicubic up-sampling, scored against the clean section (fit, border at full size).
 
@@ -117,7 +118,7 @@ def evaluate_sr2x(card: ModelCard, *, doses: Sequence[float] = (20.0, 50.0, 200.
                 hr = img[y0:y0 + 2 * size, x0:x0 + 2 * size].astype(np.float32) + 1.0
                 clean = degrade.downsample2x(hr)
                 lr = degrade.poisson_gaussian_noise(clean, dose, rng=rng)
-                out = restore(lr, card, device=device).image
+                out = restore(lr, card, device=device, ensemble=ensemble).image
                 m = metrics.compare(out, hr, fit=True, border=border)
                 b = metrics.compare(up(lr), hr, fit=True, border=border)
                 c = metrics.compare(up(clean), hr, fit=True, border=border)["psnr"]
@@ -148,7 +149,8 @@ GAUSSIAN_SIGMAS = (0.7, 1.0, 1.5, 2.0)
 
 
 def evaluate_defocus(card: ModelCard, *, border: int = 24, device: str = "auto",
-                     cancel: Optional[CancelToken] = None) -> dict:
+                     cancel: Optional[CancelToken] = None,
+                     ensemble: Optional[str] = None) -> dict:
     """Every real defocus pair, on the validation rows only (never trained on)."""
     from scipy import ndimage
 
@@ -158,7 +160,7 @@ def evaluate_defocus(card: ModelCard, *, border: int = 24, device: str = "auto",
     levels: dict = {}
     for blurred, sharp, amount in pairs:
         check_cancel(cancel)
-        out = restore(blurred, card, device=device).image
+        out = restore(blurred, card, device=device, ensemble=ensemble).image
         m = metrics.compare(out, sharp, fit=True, border=border)
         b = metrics.compare(blurred, sharp, fit=True, border=border)
         # the simplest denoiser, its width tuned with the answer in hand (an upper bound for
@@ -194,7 +196,7 @@ def evaluate_defocus(card: ModelCard, *, border: int = 24, device: str = "auto",
 
 def evaluate_sstem(card: ModelCard, *, val_fraction: float = 0.2, border: int = 24,
                    seed: int = 2021, device: str = "auto",
-                   cancel: Optional[CancelToken] = None) -> dict:
+                   cancel: Optional[CancelToken] = None, ensemble: Optional[str] = None) -> dict:
     """Held-out sections of each stack: (1) removed and restored from the real neighbours,
     against the real section, vs the average of the two neighbours; (2) damaged by a simulated
     fold / precipitates, restored with the artefact mask, vs the damaged section."""
@@ -212,7 +214,7 @@ def evaluate_sstem(card: ModelCard, *, val_fraction: float = 0.2, border: int = 
             truth = val[s]
             trio = val[s - 1:s + 2].copy()
             trio[1] = 0
-            out = restore(trio, card, device=device, sections=[1]).image[1]
+            out = restore(trio, card, device=device, sections=[1], ensemble=ensemble).image[1]
             avg = 0.5 * (val[s - 1] + val[s + 1])
             m = metrics.compare(out, truth, fit=True, border=border)
             b = metrics.compare(avg, truth, fit=True, border=border)
@@ -223,7 +225,7 @@ def evaluate_sstem(card: ModelCard, *, val_fraction: float = 0.2, border: int = 
                 trio[1] = damaged
                 masks = np.zeros(trio.shape, bool)
                 masks[1] = mask
-                out = restore(trio, card, device=device, masks=masks).image[1]
+                out = restore(trio, card, device=device, masks=masks, ensemble=ensemble).image[1]
                 m = metrics.compare(out, truth, fit=True, border=border)
                 b = metrics.compare(damaged, truth, fit=True, border=border)
                 rows[kind].append((m["psnr"], m["ssim"], b["psnr"], b["ssim"]))
@@ -244,14 +246,21 @@ def evaluate_sstem(card: ModelCard, *, val_fraction: float = 0.2, border: int = 
             "per_level": per}
 
 
-def evaluate(card: ModelCard, *, device: str = "auto", seed: int = 2021, **burst_kw) -> dict:
-    """The zoo protocol for the card's task."""
+def evaluate(card: ModelCard, *, device: str = "auto", seed: int = 2021,
+             ensemble: Optional[str] = None, **burst_kw) -> dict:
+    """The zoo protocol for the card's task. ``ensemble``: the self-ensemble restore() runs
+    with (None: the card's); the protocol records it unless it is "none"."""
     if card.is_burst:
-        return evaluate_burst(card, device=device, seed=seed, **burst_kw)
-    if card.task == "sr2x":
-        return evaluate_sr2x(card, device=device, seed=seed)
-    if card.task == "defocus":
-        return evaluate_defocus(card, device=device)
-    if card.task == "sstem":
-        return evaluate_sstem(card, device=device, seed=seed)
-    raise InputError(f"no evaluation protocol for task {card.task!r}")
+        res = evaluate_burst(card, device=device, seed=seed, ensemble=ensemble, **burst_kw)
+    elif card.task == "sr2x":
+        res = evaluate_sr2x(card, device=device, seed=seed, ensemble=ensemble)
+    elif card.task == "defocus":
+        res = evaluate_defocus(card, device=device, ensemble=ensemble)
+    elif card.task == "sstem":
+        res = evaluate_sstem(card, device=device, seed=seed, ensemble=ensemble)
+    else:
+        raise InputError(f"no evaluation protocol for task {card.task!r}")
+    used = card.ensemble if ensemble is None else ensemble
+    if used != "none":
+        res["protocol"]["ensemble"] = used
+    return res

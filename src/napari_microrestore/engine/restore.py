@@ -233,10 +233,47 @@ def cpu_heap():
 # --------------------------------------------------------------------------------------------
 # tiled network inference
 # --------------------------------------------------------------------------------------------
+# self-ensembles (geometric test-time augmentation, as in EDSR+ / RCAN+): each entry is
+# (transpose Y and X, flip Y, flip X), undone in reverse order on the output. "flips" keeps
+# every axis where it is (a burst turned so that its stage motion runs along the columns keeps
+# it there); "dihedral" adds the transposes, for nets whose degradation has no direction.
+ENSEMBLES: dict[str, tuple[tuple[bool, bool, bool], ...]] = {
+    "none": ((False, False, False),),
+    "flips": ((False, False, False), (False, True, False), (False, False, True),
+              (False, True, True)),
+    "dihedral": tuple((t, fy, fx) for t in (False, True) for fy in (False, True)
+                      for fx in (False, True)),
+}
+
+
+def _ensemble_name(name: Optional[str]) -> str:
+    name = "none" if name in (None, False) else ("flips" if name is True else str(name))
+    if name not in ENSEMBLES:
+        raise InputError(f"unknown self-ensemble {name!r}; use one of {', '.join(ENSEMBLES)}")
+    return name
+
+
+def _geom(a, transpose: bool, flip_y: bool, flip_x: bool, *, inverse: bool = False):
+    """Apply (or undo) one ensemble member on the last two axes of a torch tensor."""
+    dims = [d for d, on in ((-2, flip_y), (-1, flip_x)) if on]
+    if inverse:
+        if transpose:
+            a = a.transpose(-1, -2)
+        return a.flip(dims) if dims else a
+    if dims:
+        a = a.flip(dims)
+    return a.transpose(-1, -2) if transpose else a
+
+
 def run_net(net, x: np.ndarray, *, burst: bool, device: str, tile: Optional[int] = None,
             progress: Optional[ProgressCallback] = None,
-            cancel: Optional[CancelToken] = None) -> tuple[np.ndarray, dict]:
+            cancel: Optional[CancelToken] = None,
+            ensemble: Optional[str] = None) -> tuple[np.ndarray, dict]:
     """Apply ``net`` to normalised ``x`` ((T, Y, X) for burst nets, (C, Y, X) otherwise).
+
+    ``ensemble`` (a key of :data:`ENSEMBLES`, default "none"): average the net's answers over
+    flipped (and transposed) copies of every tile, each mapped back; it costs one forward per
+    member (4 or 8) and removes part of the net's variance, not its bias.
 
     Returns the (C_out, Y * scale, X * scale) output and the tiling actually used.
     """
@@ -258,20 +295,30 @@ def run_net(net, x: np.ndarray, *, burst: bool, device: str, tile: Optional[int]
     elif tile is None:
         tile = default_tile(device, x.shape[0])
 
+    members = ENSEMBLES[_ensemble_name(ensemble)]
+
     def fn(t: np.ndarray) -> np.ndarray:
         inp = torch.from_numpy(np.ascontiguousarray(t, np.float32)).to(device)
         inp = inp[None, :, None] if burst else inp[None]
+        acc = None
         with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16,
                                                     enabled=use_amp):
-            out = net(inp)
-        return out[0].float().cpu().numpy()
+            for m in members:
+                out = _geom(net(_geom(inp, *m).contiguous()).float(), *m, inverse=True)
+                acc = out if acc is None else acc.add_(out)
+            if len(members) > 1:
+                acc /= len(members)
+        return acc[0].cpu().numpy()
 
     while True:
         try:
             with cpu_heap() if on_cpu else contextlib.nullcontext():
                 out = apply_tiled(fn, x, tile=tile, halo=halo, blend=blend, multiple=multiple,
                                   scale=scale, progress=progress, cancel=cancel)
-            return out, {"tile": int(tile), "halo": halo, "blend": blend}
+            info = {"tile": int(tile), "halo": halo, "blend": blend}
+            if len(members) > 1:
+                info["ensemble"] = {"name": _ensemble_name(ensemble), "members": len(members)}
+            return out, info
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             smallest = 2 * halo + blend + multiple
@@ -322,6 +369,7 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
             motion: str = "translation", sections: Optional[list[int]] = None,
             tile: Optional[int] = None, masks: Optional[np.ndarray] = None,
             motion_angle: Optional[float] = None, motion_prior: Optional[float] = None,
+            ensemble: Optional[str] = None,
             progress: Optional[ProgressCallback] = None,
             cancel: Optional[CancelToken] = None) -> RestoreResult:
     """Restore ``data`` with ``model`` (a zoo id, a card path or a :class:`ModelCard`).
@@ -337,25 +385,37 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
     rotated back (:mod:`~napari_microrestore.core.orient`). ``motion_prior``: the direction
     a stream's previous window was turned by, kept while this burst reads within
     ``HOLD_DEG`` of it (see :func:`burst_orientation`'s ``prior``).
+
+    ``ensemble`` (learned models): "none", "flips" or "dihedral" (see :data:`ENSEMBLES`);
+    None takes the card's ``input.ensemble`` (its metrics were measured with it), else "none".
     """
     card = model if isinstance(model, ModelCard) else get_card(model)
     t0 = time.perf_counter()
     dev = "cpu" if card.is_classical else resolve_device(device)
+    ensemble = _ensemble_name(card.ensemble if ensemble is None else ensemble)
+    if ensemble != "none" and card.is_classical:
+        raise InputError(f"{card.id} is a classical method; a self-ensemble is for learned "
+                         "models")
+    if ensemble == "dihedral" and card.motion_axis is not None:
+        raise InputError(f"{card.id} expects stage motion along the columns; the 'dihedral' "
+                         "self-ensemble would transpose it across them (use 'flips')")
     prov: dict = {
         "model": card.id, "task": card.task, "architecture": card.architecture,
         "weights_sha256": (card.weights or {}).get("sha256"), "device": dev,
         "version": __version__, "parameters": {"reference": reference, "register": register,
                                                "motion": motion, "sections": sections,
                                                "tile": tile, "motion_angle": motion_angle,
-                                               "motion_prior": motion_prior},
+                                               "motion_prior": motion_prior,
+                                               "ensemble": ensemble},
     }
     if card.is_burst:
         res = _restore_burst(data, card, dev, reference, register, motion, tile, progress,
-                             cancel, prov, motion_angle, motion_prior)
+                             cancel, prov, motion_angle, motion_prior, ensemble)
     elif card.task == "sstem":
-        res = _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov, masks)
+        res = _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov, masks,
+                             ensemble)
     else:
-        res = _restore_single(data, card, dev, tile, progress, cancel, prov)
+        res = _restore_single(data, card, dev, tile, progress, cancel, prov, ensemble)
     prov["seconds"] = round(time.perf_counter() - t0, 3)
     report(progress, 1.0, "done")
     return res
@@ -473,7 +533,7 @@ def blur_direction(frames) -> Optional[float]:
 
 
 def _restore_burst(data, card, dev, reference, register, motion, tile, progress, cancel, prov,
-                   motion_angle=None, motion_prior=None):
+                   motion_angle=None, motion_prior=None, ensemble="none"):
     from ..core.registration import register_burst
 
     frames = _as_float_stack(data, (3,), "a burst")
@@ -529,7 +589,7 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
     prov["motion_direction"] = orientation
     turn = Rotation(x.shape, orientation["rotation_deg"])
     y, tiling = run_net(net, turn.forward(x), burst=not channels_in, device=dev, tile=tile,
-                        progress=sub(0.3, 1.0), cancel=cancel)
+                        progress=sub(0.3, 1.0), cancel=cancel, ensemble=ensemble)
     y = turn.inverse(y)
     prov["tiling"] = tiling
     prov["normalisation"] = {"mean": mean, "std": std}
@@ -539,7 +599,7 @@ def _restore_burst(data, card, dev, reference, register, motion, tile, progress,
     return RestoreResult(np.ascontiguousarray(out), prov, reg)
 
 
-def _restore_single(data, card, dev, tile, progress, cancel, prov):
+def _restore_single(data, card, dev, tile, progress, cancel, prov, ensemble="none"):
     arr = _as_float_stack(data, (2, 3), "an image")
     stack = arr[None] if arr.ndim == 2 else arr
     net = _load_net(card, dev)
@@ -555,7 +615,7 @@ def _restore_single(data, card, dev, tile, progress, cancel, prov):
                 progress((i + f) / len(stack), f"slice {i + 1}/{len(stack)}: {m}")
 
         y, tiling = run_net(net, xin, burst=False, device=dev, tile=tile, progress=sub,
-                            cancel=cancel)
+                            cancel=cancel, ensemble=ensemble)
         outs.append(y[0] * std + mean)
         prov["tiling"] = tiling
     out = np.stack(outs).astype(np.float32)
@@ -569,7 +629,8 @@ def missing_sections(stack: np.ndarray, *, rel_std: float = 0.02) -> list[int]:
     return [int(i) for i in np.flatnonzero(stds <= rel_std * max(ref, 1e-12))]
 
 
-def _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov, masks=None):
+def _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov, masks=None,
+                   ensemble="none"):
     stack = _as_float_stack(data, (3,), "a section stack")
     z = stack.shape[0]
     if z < 3:
@@ -620,7 +681,8 @@ def _restore_sstem(data, card, dev, sections, tile, progress, cancel, prov, mask
         maskf = mask.astype(np.float32)
         cur = np.zeros_like(maskf) if mask.all() else (stack[s] - mean) / std
         x = np.stack([(stack[prev] - mean) / std, cur, (stack[nxt] - mean) / std, maskf])
-        y, tiling = run_net(net, x, burst=False, device=dev, tile=tile, cancel=cancel)
+        y, tiling = run_net(net, x, burst=False, device=dev, tile=tile, cancel=cancel,
+                            ensemble=ensemble)
         out[s] = y[0] * std + mean
         prov["tiling"] = tiling
         report(progress, (k + 1) / len(todo), f"section {s} ({k + 1}/{len(todo)})")

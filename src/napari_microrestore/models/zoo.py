@@ -14,6 +14,8 @@ A model card is one YAML file per model::
       multiple: 8                      # H, W padded to a multiple of this
       scale: 1                         # output pixels per input pixel
       register: true                   # burst models: register frames first
+      motion_axis: vertical            # burst nets: the stage motion they learned (or any)
+      ensemble: none                   # self-ensemble restore() runs: none | flips | dihedral
     weights: {file: tem-burst-fast.safetensors, sha256: <hex>, dtype: float16}
     training: {data: [...], licence: ..., command: ..., device: ..., notes: ...}
     metrics: {command: ..., split: ..., values: {...}}
@@ -55,6 +57,10 @@ def user_model_dir() -> Path:
     else:
         base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
     return base / "napari-microrestore" / "models"
+
+
+# the self-ensembles restore() can run (engine.restore.ENSEMBLES says what each one does)
+ENSEMBLE_NAMES = ("none", "flips", "dihedral")
 
 
 @dataclass
@@ -105,6 +111,16 @@ class ModelCard:
             raise InputError(f"model card {self.id}: input.motion_axis must be 'vertical' or "
                              f"'any'; got {axis!r}")
         return None if axis == "any" else axis
+
+    @property
+    def ensemble(self) -> str:
+        """The self-ensemble ``restore`` uses by default (``input.ensemble``: "none",
+        "flips" or "dihedral"; see :data:`~napari_microrestore.engine.restore.ENSEMBLES`)."""
+        name = str(self.input.get("ensemble", "none"))
+        if name not in ENSEMBLE_NAMES:
+            raise InputError(f"model card {self.id}: input.ensemble must be one of "
+                             f"{', '.join(ENSEMBLE_NAMES)}; got {name!r}")
+        return name
 
     @property
     def multiple(self) -> int:
