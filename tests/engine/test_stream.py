@@ -89,6 +89,15 @@ def test_burst_net_equals_per_window_restore(stream):
     assert res.provenance["weights_sha256"] and res.provenance["device"] == "cpu"
 
 
+def test_a_self_ensemble_reaches_every_window(stream):
+    res = restore_stream(stream, "tem-burst-fast", indices=[3], device="cpu", ensemble="flips")
+    expected = _per_window(stream, "tem-burst-fast", 3, 5, ensemble="flips")
+    assert np.abs(res.images[0] - expected).max() < 1e-3 * float(np.abs(expected).max())
+    assert res.provenance["parameters"]["ensemble"] == "flips"
+    plain = _per_window(stream, "tem-burst-fast", 3, 5)
+    assert np.abs(res.images[0] - plain).max() > 1e-3 * float(np.abs(plain).max())
+
+
 def test_a_slanted_stage_run_turns_every_window_alike():
     """A stage moving at 30 degrees: every window is turned by the first one's angle, though
     each reads its own (a degree or so apart); ``motion_angle`` fixes it for all."""

@@ -111,6 +111,22 @@ def test_whole_stream_fills_a_movie_layer_progressively(make_napari_viewer, qtbo
     np.testing.assert_array_equal(src.data, stream)             # input untouched
 
 
+def test_whole_stream_with_a_self_ensemble(make_napari_viewer, qtbot, stream, notes):
+    viewer = make_napari_viewer()
+    add_stream(viewer, stream)
+    w = make_widget(viewer, qtbot, model="tem-burst-fast")
+    w.frames_spin.setValue(3)
+    w.set_ensemble("flips")
+    click(qtbot, w.stream_button)
+    qtbot.waitUntil(lambda: w.panel.job.done, timeout=WAIT)
+    assert w.panel.job.state == "done" and errors(notes) == []
+    movie = viewer.layers["stream restored stream (tem-burst-fast)"]
+    want = engine_stream.restore_stream(stream, "tem-burst-fast", window=3, device="cpu",
+                                        ensemble="flips")
+    np.testing.assert_allclose(movie.data, want.images, rtol=1e-4, atol=1e-3)
+    assert movie.metadata["provenance"]["parameters"]["ensemble"] == "flips"
+
+
 def test_whole_stream_cancel_keeps_the_frames_done(make_napari_viewer, qtbot, stream, notes,
                                                    monkeypatch):
     """The per-window restore is fast for two frames, then waits for Cancel."""

@@ -129,6 +129,7 @@ def restore_stream(data: Any, model: str | ModelCard, *,
                    indices: Optional[Sequence[int]] = None, window: Optional[int] = None,
                    device: str = "auto", register: bool = True, motion: str = "translation",
                    tile: Optional[int] = None, motion_angle: Optional[float] = None,
+                   ensemble: Optional[str] = None,
                    progress: Optional[ProgressCallback] = None,
                    on_update: Optional[Callable[[StreamFrame], None]] = None,
                    cancel: Optional[CancelToken] = None) -> StreamResult:
@@ -148,7 +149,7 @@ def restore_stream(data: Any, model: str | ModelCard, *,
     window
         Frames per burst; default the card's default burst length (``input.frames.default``,
         5 for the shipped burst nets), and within the card's min..max frames and the stream.
-    device, register, motion, tile
+    device, register, motion, tile, ensemble
         As for :func:`~napari_microrestore.engine.restore.restore`.
     motion_angle
         The stage's direction (degrees from +x towards +y) for every window; by default each
@@ -208,7 +209,7 @@ def restore_stream(data: Any, model: str | ModelCard, *,
             # off the main thread (napari's worker), on the CPU: in the compute process
             res = offload(restore, data=stack, model=card, device=dev,
                           reference=used.index(centre), register=register, motion=motion,
-                          tile=tile, motion_angle=motion_angle,
+                          tile=tile, motion_angle=motion_angle, ensemble=ensemble,
                           motion_prior=None if motion_angle is not None else prior,
                           progress=sub if progress else None, cancel=cancel)
             images[k] = res.image
@@ -236,7 +237,8 @@ def restore_stream(data: Any, model: str | ModelCard, *,
                                       "device", "version") if key in prov}
     out.update({
         "parameters": {"window": window, "register": register, "motion": motion, "tile": tile,
-                       "motion_angle": motion_angle},
+                       "motion_angle": motion_angle,
+                       "ensemble": (prov.get("parameters") or {}).get("ensemble")},
         "window": window, "indices": idx, "per_frame": per_frame,
         "seconds": round(time.perf_counter() - t0, 3),
     })

@@ -247,7 +247,7 @@ class RestoreWidget(QWidget):
         self.register_check.setChecked(True)
         self.ensemble_combo = QComboBox()
         self.ensemble_combo.setToolTip(
-            "Run, Preview and live: average the net's answers over flipped (and transposed) "
+            "Run, Preview, live and Whole stream: average the net's answers over flipped (and transposed) "
             "copies of the input, each flipped back; 4 or 8 times the compute for a little "
             "less noise and fewer artefacts. Burst nets take flips only (their stage motion "
             "must stay along the columns).")
@@ -596,9 +596,11 @@ class RestoreWidget(QWidget):
         kwargs = {"data": layer_stream(self.viewer, layer, window.axis), "model": card,
                   "window": window.size, "device": self.device_combo.currentText(),
                   "register": self.register_check.isChecked()}
+        if not card.is_classical:
+            kwargs["ensemble"] = self.ensemble()
         movie = _Movie(self.viewer, layer, card, window.axis, int(layer.data.shape[window.axis]),
-                       {"window": window.size, "register": kwargs["register"],
-                        "device": kwargs["device"]})
+                       {key: kwargs[key] for key in ("window", "register", "device", "ensemble")
+                        if key in kwargs})
         task = Task(f"Restore the stream {layer.name} with {card.id}",
                     engine_stream.restore_stream, kwargs)
         self.panel.submit(task, movie.finish, on_update=movie.add, on_done=movie.end)
