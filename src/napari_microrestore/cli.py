@@ -355,7 +355,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         args.inputs, args.output, args.model, device=args.device, workers=args.workers,
         threads=args.threads, scheduler=args.scheduler, block=args.block, window=args.window,
         register=not args.no_register, overwrite=args.overwrite, verify=args.verify,
-        retries=args.retries, max_blocks=args.max_blocks,
+        retries=args.retries, max_blocks=args.max_blocks, ensemble=args.ensemble,
         progress=None if args.quiet else _text_bar())
     print(summary.text())
     if summary.interrupted:
@@ -574,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--window", type=int, default=None,
                     help="frames per burst window (default: the model's default)")
     bt.add_argument("--no-register", action="store_true", help="frames are already registered")
+    bt.add_argument("--ensemble", choices=_ENSEMBLES, default=None,
+                    help="self-ensemble of every restore (see restore; default: the card's)")
     bt.add_argument("--overwrite", action="store_true",
                     help="replace OUT.zarr instead of resuming it")
     bt.add_argument("--verify", action="store_true",

@@ -179,6 +179,49 @@ def test_stack_blocks_match_the_whole_image(cards, tmp_path):
     assert transforms[1] == {"type": "translation", "translation": [0.0, -0.25, -0.25]}
 
 
+def test_self_ensemble_in_blocks_and_part_of_the_settings(stream_file, cards, tmp_path):
+    """Stack blocks with a dihedral ensemble equal the whole-image ensemble; a stream with
+    flips equals restore() per window; an output made without an ensemble is not resumed
+    with one; a burst net refuses transposes."""
+    from napari_microrestore.engine.restore import _load_net
+    from napari_microrestore.models.zoo import get_card
+
+    sr2x = get_card("sr2x")   # trained: unlike the tiny random nets, not flip-equivariant
+    rng = np.random.default_rng(4)
+    image = _scene(rng, (40, 56)).astype(np.float32)
+    src = tmp_path / "image.tif"
+    io.write_tiff(src, image, axes="YX")
+    out = tmp_path / "sr.zarr"
+    s = batch.run_batch([src], out, sr2x, workers=0, block=16, device="cpu",
+                        ensemble="dihedral")
+    assert s.complete
+    mean, std = batch._sample_stats(image)
+    net = _load_net(sr2x, "cpu")
+    whole, _ = run_net(net, ((image - mean) / std)[None], burst=False, device="cpu",
+                       ensemble="dihedral")
+    plain, _ = run_net(net, ((image - mean) / std)[None], burst=False, device="cpu")
+    got = _read(out)
+    assert got.shape == (80, 112) and np.abs(whole - plain).max() * std > 0.1
+    np.testing.assert_allclose(got, whole[0] * std + mean, rtol=0, atol=2e-3)
+    prov = io.read(out).metadata["microrestore"]["provenance"]
+    assert prov["parameters"]["ensemble"] == "dihedral"
+    with pytest.raises(InputError, match="other inputs or settings"):
+        batch.run_batch([src], out, sr2x, workers=0, block=16, device="cpu")
+
+    out = tmp_path / "stream.zarr"
+    s = batch.run_batch([stream_file], out, cards["burst"], workers=0, block=5, window=3,
+                        device="cpu", ensemble="flips")
+    assert s.complete
+    frames = io.read_array(stream_file).astype(np.float32)
+    s0, s1 = batch.window_bounds(4, 10, 3)
+    want = restore(frames[s0:s1], cards["burst"], device="cpu", reference=4 - s0,
+                   ensemble="flips").image
+    np.testing.assert_allclose(_read(out)[4], want, rtol=0, atol=1e-3 * np.abs(want).max())
+    with pytest.raises(InputError, match="use 'flips'"):
+        batch.run_batch([stream_file], tmp_path / "d.zarr", cards["burst"], workers=0,
+                        ensemble="dihedral")
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(stream_file, tmp_path):
     full = tmp_path / "full.zarr"
     batch.run_batch([stream_file], full, "registered-mean", workers=0, block=2)

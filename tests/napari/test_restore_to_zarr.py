@@ -218,3 +218,25 @@ def test_bad_output_paths_are_one_error_and_nothing_written(make_napari_viewer, 
     monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: ("", "")))
     w.zarr_button.click()
     assert asked == [str(tmp_path / "picked") + ".zarr"]
+
+
+def test_a_learned_model_to_zarr_takes_the_self_ensemble(make_napari_viewer, qtbot, stream,
+                                                         tmp_path, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(stream, name="stream")
+    w = make_widget(viewer, qtbot)
+    w.set_model("tem-burst-fast")
+    w.set_ensemble("flips")
+    job = w.run_to_zarr(tmp_path / "out.zarr")
+    assert job.task.kwargs["ensemble"] == "flips"
+    qtbot.waitUntil(lambda: job.done, timeout=WAIT)
+    assert job.state == "done" and errors(notes) == []
+    layer = viewer.layers["out"]
+    assert layer.metadata["provenance"]["parameters"]["ensemble"] == "flips"
+    s = batch.run_batch(io.ImageData(stream, "TYX", None, None), tmp_path / "ref.zarr",
+                        "tem-burst-fast", workers=0, window=3, block=3, device="cpu",
+                        ensemble="flips")
+    assert s.complete
+    ref = zarr.open_array(str(tmp_path / "ref.zarr" / "0"), mode="r")[...]
+    np.testing.assert_allclose(np.asarray(layer.data[...]), ref, rtol=0,
+                               atol=1e-3 * float(np.abs(ref).max()))

@@ -296,6 +296,7 @@ class BatchJob:
     register: bool = True
     motion: str = "translation"
     tile: Optional[int] = None
+    ensemble: str = "none"               # self-ensemble (engine.restore.ENSEMBLES)
     norm: tuple[float, float] = (0.0, 1.0)   # stack mode: global mean, std
     threads: Optional[int] = None        # torch threads in the worker (None: leave as is)
     fingerprint: str = ""
@@ -404,7 +405,7 @@ def restore_block(job: BatchJob, block: Block,
             s, e = window_bounds(c, job.n_frames, job.window)
             res = restore(frames[s - f0:e - f0], card, device=dev, reference=c - s,
                           register=job.register, motion=job.motion, tile=job.tile,
-                          cancel=cancel)
+                          ensemble=job.ensemble, cancel=cancel)
             out[k] = res.image
         return out
     # stack: one (Y, X) region of one slice, with its halo
@@ -415,7 +416,7 @@ def restore_block(job: BatchJob, block: Block,
     in_ch = int(card.input.get("channels", 1))
     xin = np.repeat(x[None], in_ch, 0) if in_ch > 1 else x[None]
     y, _ = run_net(_resident_net(card, dev), xin, burst=False, device=dev, tile=job.tile,
-                   cancel=cancel)
+                   cancel=cancel, ensemble=job.ensemble)
     s = card.scale
     (ry0, _), (rx0, _) = block.read[-2:]
     (oy0, oy1), (ox0, ox1) = block.out[-2:]
@@ -582,10 +583,13 @@ def plan_batch(inputs: Sequence[str | os.PathLike] | io.ImageData, output: str |
                model: str | ModelCard, *, device: str = "auto", block: Optional[int] = None,
                window: Optional[int] = None, register: bool = True,
                motion: str = "translation", tile: Optional[int] = None,
-               threads: Optional[int] = None,
+               threads: Optional[int] = None, ensemble: Optional[str] = None,
                before_block: Optional[Callable[[Block], None]] = None) -> BatchPlan:
     """Check the inputs and settings and plan the blocks (reads only a small sample)."""
+    from .restore import card_ensemble
+
     card = model if isinstance(model, ModelCard) else get_card(model)
+    ensemble = card_ensemble(card, ensemble)
     out = Path(output).resolve()
     if out.suffix.lower() != ".zarr":
         raise InputError(f"output {output} must be a folder name ending in .zarr")
@@ -597,7 +601,9 @@ def plan_batch(inputs: Sequence[str | os.PathLike] | io.ImageData, output: str |
     shape = tuple(int(s) for s in img.data.shape)
     yx = img.yx_pixel_size
     unit = img.unit if yx else None
-    params = {"register": register, "motion": motion, "tile": tile}
+    params: dict[str, Any] = {"register": register, "motion": motion, "tile": tile}
+    if ensemble != "none":   # (absent otherwise: earlier outputs keep their fingerprint)
+        params["ensemble"] = ensemble
     if card.task == "sstem":
         raise InputError(f"model {card.id} restores ssTEM section stacks, which batch does not "
                          "split into blocks; use 'microrestore restore'")
@@ -664,8 +670,9 @@ def plan_batch(inputs: Sequence[str | os.PathLike] | io.ImageData, output: str |
     attrs["microrestore"] = {"batch": spec, "fingerprint": fingerprint,
                              "provenance": provenance}
     job = BatchJob(source=source, output=str(out), card=card, mode=mode, device=device,
-                   register=register, motion=motion, tile=tile, threads=threads,
-                   fingerprint=fingerprint, before_block=before_block, **job_kw)
+                   register=register, motion=motion, tile=tile, ensemble=ensemble,
+                   threads=threads, fingerprint=fingerprint, before_block=before_block,
+                   **job_kw)
     return BatchPlan(job, blocks, tuple(out_shape), tuple(chunks), attrs)
 
 
@@ -715,6 +722,7 @@ def run_batch(inputs: Sequence[str | os.PathLike] | io.ImageData, output: str | 
               block: Optional[int] = None, window: Optional[int] = None, register: bool = True,
               motion: str = "translation", tile: Optional[int] = None, overwrite: bool = False,
               verify: bool = False, retries: int = 2, max_blocks: Optional[int] = None,
+              ensemble: Optional[str] = None,
               before_block: Optional[Callable[[Block], None]] = None,
               progress: Optional[ProgressCallback] = None,
               on_update: Optional[Callable[[BlockDone], None]] = None,
@@ -739,6 +747,9 @@ def run_batch(inputs: Sequence[str | os.PathLike] | io.ImageData, output: str | 
         so start GPU workers with ``--resources GPU=1``.
     block
         Output frames per block (streams) or block edge in input pixels (stacks).
+    ensemble
+        Self-ensemble of every restore (see :func:`~napari_microrestore.engine.restore.restore`;
+        default: the card's); part of the settings a resumed run must share.
     retries
         Extra attempts for a failing block before it is reported (a worker that dies is
         replaced by Dask and its block rescheduled).
@@ -752,7 +763,7 @@ def run_batch(inputs: Sequence[str | os.PathLike] | io.ImageData, output: str | 
     t0 = time.perf_counter()
     plan = plan_batch(inputs, output, model, device=device, block=block, window=window,
                       register=register, motion=motion, tile=tile, threads=threads,
-                      before_block=before_block)
+                      ensemble=ensemble, before_block=before_block)
     job = plan.job
     if workers is not None and workers < 0:
         raise InputError(f"--workers must be 0 (in this process) or more; got {workers}")

@@ -253,6 +253,20 @@ def _ensemble_name(name: Optional[str]) -> str:
     return name
 
 
+def card_ensemble(card: ModelCard, ensemble: Optional[str] = None) -> str:
+    """The self-ensemble ``card``'s model runs with: ``ensemble``, else the card's
+    ``input.ensemble``; InputError for one the model cannot take (any but "none" for a
+    classical method, "dihedral" for a burst net that expects motion along the columns)."""
+    name = _ensemble_name(card.ensemble if ensemble is None else ensemble)
+    if name != "none" and card.is_classical:
+        raise InputError(f"{card.id} is a classical method; a self-ensemble is for learned "
+                         "models")
+    if name == "dihedral" and card.motion_axis is not None:
+        raise InputError(f"{card.id} expects stage motion along the columns; the 'dihedral' "
+                         "self-ensemble would transpose it across them (use 'flips')")
+    return name
+
+
 def _geom(a, transpose: bool, flip_y: bool, flip_x: bool, *, inverse: bool = False):
     """Apply (or undo) one ensemble member on the last two axes of a torch tensor."""
     dims = [d for d, on in ((-2, flip_y), (-1, flip_x)) if on]
@@ -392,13 +406,7 @@ def restore(data, model: str | ModelCard, *, device: str = "auto",
     card = model if isinstance(model, ModelCard) else get_card(model)
     t0 = time.perf_counter()
     dev = "cpu" if card.is_classical else resolve_device(device)
-    ensemble = _ensemble_name(card.ensemble if ensemble is None else ensemble)
-    if ensemble != "none" and card.is_classical:
-        raise InputError(f"{card.id} is a classical method; a self-ensemble is for learned "
-                         "models")
-    if ensemble == "dihedral" and card.motion_axis is not None:
-        raise InputError(f"{card.id} expects stage motion along the columns; the 'dihedral' "
-                         "self-ensemble would transpose it across them (use 'flips')")
+    ensemble = card_ensemble(card, ensemble)
     prov: dict = {
         "model": card.id, "task": card.task, "architecture": card.architecture,
         "weights_sha256": (card.weights or {}).get("sha256"), "device": dev,

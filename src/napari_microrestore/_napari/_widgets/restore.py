@@ -247,7 +247,7 @@ class RestoreWidget(QWidget):
         self.register_check.setChecked(True)
         self.ensemble_combo = QComboBox()
         self.ensemble_combo.setToolTip(
-            "Run, Preview, live and Whole stream: average the net's answers over flipped (and transposed) "
+            "Every restore of this widget: average the net's answers over flipped (and transposed) "
             "copies of the input, each flipped back; 4 or 8 times the compute for a little "
             "less noise and fewer artefacts. Burst nets take flips only (their stage motion "
             "must stay along the columns).")
@@ -644,6 +644,8 @@ class RestoreWidget(QWidget):
                   "workers": self.workers_spin.value(),
                   "block": self.zarr_block_spin.value() or None, "window": window.size,
                   "register": self.register_check.isChecked()}
+        if not card.is_classical:
+            kwargs["ensemble"] = self.ensemble()
         run = _ZarrRun(self.viewer, layer, card, window.axis, self.panel)
         task = Task(f"Restore the stream {layer.name} with {card.id} into {Path(output).name}",
                     engine_batch.run_batch, kwargs)
