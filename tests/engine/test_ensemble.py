@@ -117,3 +117,20 @@ def test_cli_ensemble(tmp_path, capsys):
     assert cli.main(["evaluate", "sr2x", "--ensemble", "flips", "--write-card"]) == 2
     assert "set input.ensemble" in capsys.readouterr().err
     assert get_card("sr2x").path.read_bytes() == before
+
+
+def test_cancel_is_checked_between_members():
+    from napari_microrestore.core.errors import Cancelled, CancelToken
+
+    token = CancelToken()
+    calls = []
+
+    def net(x):
+        calls.append(1)
+        token.cancel()   # cancelled while the first member runs
+        return x
+
+    x = np.zeros((1, 32, 32), np.float32)
+    with pytest.raises(Cancelled):
+        run_net(net, x, burst=False, device="cpu", ensemble="dihedral", cancel=token)
+    assert len(calls) == 1

@@ -317,7 +317,9 @@ def run_net(net, x: np.ndarray, *, burst: bool, device: str, tile: Optional[int]
         acc = None
         with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16,
                                                     enabled=use_amp):
-            for m in members:
+            for k, m in enumerate(members):
+                if k:   # a member of a large tile can take seconds: cancel between them
+                    check_cancel(cancel)
                 out = _geom(net(_geom(inp, *m).contiguous()).float(), *m, inverse=True)
                 acc = out if acc is None else acc.add_(out)
             if len(members) > 1:
