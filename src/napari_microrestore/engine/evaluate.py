@@ -19,7 +19,7 @@ from ..core import degrade, metrics
 from ..core.errors import CancelToken, InputError, ProgressCallback, check_cancel, report
 from ..models.zoo import ModelCard, get_card
 from .data import load_sections
-from .restore import restore
+from .restore import card_ensemble, restore
 
 DEFAULT_SOURCES = ("sstem/gerhard_vnc_stack1.tif", "sstem/isbi2012_train_volume.tif",
                    "sstem/epfl_fibsem_train_slices.tif")
@@ -260,7 +260,7 @@ def evaluate(card: ModelCard, *, device: str = "auto", seed: int = 2021,
         res = evaluate_sstem(card, device=device, seed=seed, ensemble=ensemble)
     else:
         raise InputError(f"no evaluation protocol for task {card.task!r}")
-    used = card.ensemble if ensemble is None else ensemble
+    used = card_ensemble(card, ensemble)
     if used != "none":
         res["protocol"]["ensemble"] = used
     return res

@@ -247,7 +247,7 @@ ENSEMBLES: dict[str, tuple[tuple[bool, bool, bool], ...]] = {
 
 
 def _ensemble_name(name: Optional[str]) -> str:
-    name = "none" if name in (None, False) else ("flips" if name is True else str(name))
+    name = "none" if name is None else str(name)
     if name not in ENSEMBLES:
         raise InputError(f"unknown self-ensemble {name!r}; use one of {', '.join(ENSEMBLES)}")
     return name
@@ -309,7 +309,8 @@ def run_net(net, x: np.ndarray, *, burst: bool, device: str, tile: Optional[int]
     elif tile is None:
         tile = default_tile(device, x.shape[0])
 
-    members = ENSEMBLES[_ensemble_name(ensemble)]
+    ensemble = _ensemble_name(ensemble)
+    members = ENSEMBLES[ensemble]
 
     def fn(t: np.ndarray) -> np.ndarray:
         inp = torch.from_numpy(np.ascontiguousarray(t, np.float32)).to(device)
@@ -333,7 +334,7 @@ def run_net(net, x: np.ndarray, *, burst: bool, device: str, tile: Optional[int]
                                   scale=scale, progress=progress, cancel=cancel)
             info = {"tile": int(tile), "halo": halo, "blend": blend}
             if len(members) > 1:
-                info["ensemble"] = {"name": _ensemble_name(ensemble), "members": len(members)}
+                info["ensemble"] = {"name": ensemble, "members": len(members)}
             return out, info
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
